@@ -1,0 +1,225 @@
+"""The hub: takes points in, and once per batch interval pushes each viewer its batch.
+
+Transport-free: viewers are anything with ``deliver`` and ``close``, and time
+comes from an injected clock (the reactor in production, ``task.Clock`` in
+tests). Adapters (WebSocket today; Socket.IO, HTTP ingest, Redis later) only
+translate between their wire and these calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Protocol, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from fleettrack.buffer import LatestBuffer, VehicleState
+from fleettrack.registry import WILDCARD, SubscriptionRegistry
+from fleettrack.telemetry import TelemetryPoint
+
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class Batch:
+    """One ``vehicle:telemetry:batch``, encoded once for every viewer it goes to."""
+
+    data: bytes
+    """The event's ``data`` object as JSON."""
+    count: int
+    _frames: dict[Hashable, Any] = attrs.field(factory=dict, init=False)
+
+    def framed(self, key: Hashable, frame: Callable[[Batch], T]) -> T:
+        """``frame(self)``, computed once per ``key``: adapters cache their wire frame here."""
+        try:
+            return self._frames[key]  # type: ignore[no-any-return]
+        except KeyError:
+            framed = self._frames[key] = frame(self)
+            return framed
+
+
+class Viewer(Hashable, Protocol):
+    def deliver(self, batch: Batch) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+def _batch_of(states: Iterable[VehicleState], batch_id: str, now_ms: int) -> Batch | None:
+    encoded = [state.encoded for state in states]
+    if not encoded:
+        return None
+    data = b'{"batchId":"%s","timestamp":%d,"dataPoints":[%s],"count":%d}' % (
+        batch_id.encode(),
+        now_ms,
+        b",".join(encoded),
+        len(encoded),
+    )
+    return Batch(data, len(encoded))
+
+
+class Hub:
+    log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, batch_interval: float = 1.0, vehicle_ttl: float = 86400.0
+    ) -> None:
+        self.clock = clock
+        self.batch_interval = batch_interval
+        self.vehicle_ttl = vehicle_ttl
+        self.registry: SubscriptionRegistry[Viewer] = SubscriptionRegistry()
+        self.buffer = LatestBuffer()
+        self.viewers: set[Viewer] = set()
+        self.telemetry_received = 0
+        self.telemetry_rejected = 0
+        self.total_batches = 0
+        self.total_points = 0
+        self.batches_delivered = 0
+        self._batch_ids = itertools.count(1)
+        self._all_gone: list[Deferred[None]] = []
+        self.started_at = clock.seconds()
+        self._flush_loop = LoopingCall(self.flush)
+        self._flush_loop.clock = clock
+        self._expiry_loop = LoopingCall(self.expire)
+        self._expiry_loop.clock = clock
+
+    # Lifecycle
+
+    def start(self) -> None:
+        self.started_at = self.clock.seconds()
+        self._flush_loop.start(self.batch_interval, now=False)
+        self._expiry_loop.start(min(self.vehicle_ttl, 60.0), now=False)
+
+    def stop(self) -> None:
+        """Stop the loops and flush what is buffered, so nothing accepted is lost."""
+        for loop in (self._flush_loop, self._expiry_loop):
+            if loop.running:
+                loop.stop()
+        self.flush()
+
+    def uptime(self) -> float:
+        return round(self.clock.seconds() - self.started_at, 3)
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # Viewers
+
+    def connect(self, viewer: Viewer) -> None:
+        self.viewers.add(viewer)
+
+    def disconnect(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        self.registry.remove_viewer(viewer)
+        if not self.viewers:
+            waiting, self._all_gone = self._all_gone, []
+            for gone in waiting:
+                gone.callback(None)
+
+    def close_all(self, code: int, reason: str) -> Deferred[None]:
+        """Ask every viewer to close; fires once all of them have disconnected."""
+        if not self.viewers:
+            return succeed(None)
+        gone: Deferred[None] = Deferred()
+        self._all_gone.append(gone)
+        for viewer in list(self.viewers):
+            viewer.close(code, reason)
+        return gone
+
+    def subscribe(self, viewer: Viewer, vehicle_id: str) -> bool:
+        return self.registry.subscribe(viewer, vehicle_id)
+
+    def unsubscribe(self, viewer: Viewer, vehicle_id: str) -> bool:
+        return self.registry.unsubscribe(viewer, vehicle_id)
+
+    def snapshot(self, vehicle_id: str) -> Batch | None:
+        """The last known point of a vehicle (of all, for the wildcard), as a batch."""
+        if vehicle_id == WILDCARD:
+            states = self.buffer.known()
+        else:
+            state = self.buffer.latest(vehicle_id)
+            states = [] if state is None else [state]
+        return _batch_of(states, self._next_batch_id(), self.now_ms())
+
+    # Telemetry
+
+    def ingest(self, point: TelemetryPoint) -> bool:
+        """Take a validated point; False if it is stale and will not be delivered."""
+        self.telemetry_received += 1
+        return self.buffer.offer(point, self.clock.seconds())
+
+    def record_rejected(self, count: int = 1) -> None:
+        self.telemetry_rejected += count
+
+    def flush(self) -> None:
+        changed = self.buffer.drain()
+        if not changed:
+            return
+        batch_id = self._next_batch_id()
+        now_ms = self.now_ms()
+        self.total_batches += 1
+        self.total_points += len(changed)
+        delivered = 0
+        for audience in self.registry.audiences():
+            if audience.wildcard:
+                states: Iterable[VehicleState] = changed.values()
+            elif len(audience.vehicles) < len(changed):
+                states = [changed[v] for v in audience.vehicles if v in changed]
+            else:
+                states = [state for v, state in changed.items() if v in audience.vehicles]
+            batch = _batch_of(states, batch_id, now_ms)
+            if batch is None:
+                continue
+            for viewer in audience.members:
+                viewer.deliver(batch)
+            delivered += len(audience.members)
+        self.batches_delivered += delivered
+        self.log.debug(
+            "flushed {points} points in {deliveries} batches",
+            points=len(changed),
+            deliveries=delivered,
+        )
+
+    def expire(self) -> None:
+        expired = self.buffer.expire(self.clock.seconds() - self.vehicle_ttl)
+        if expired:
+            self.log.info(
+                "forgot {count} vehicles silent for {ttl} s", count=expired, ttl=self.vehicle_ttl
+            )
+
+    def _next_batch_id(self) -> str:
+        return f"batch_{self.now_ms()}_{next(self._batch_ids)}"
+
+    # Figures
+
+    def stats(self, include_vehicle_details: bool = False) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "connectedClients": len(self.viewers),
+            "activeVehicles": self.buffer.known_count,
+            "totalTelemetryReceived": self.telemetry_received,
+            "totalTelemetryRejected": self.telemetry_rejected,
+            "subscriptions": self.registry.stats(),
+            "batcher": {
+                "totalBatches": self.total_batches,
+                "totalPoints": self.total_points,
+                "totalVehicleUpdates": self.buffer.updates,
+                "batchesDelivered": self.batches_delivered,
+                "pendingBatches": 0,
+                "bufferedVehicles": self.buffer.pending_count,
+                "staleDropped": self.buffer.stale_dropped,
+            },
+        }
+        if include_vehicle_details:
+            stats["vehicles"] = {
+                state.point.vehicle_id: {
+                    "subscribers": len(self.registry.subscribers(state.point.vehicle_id)),
+                    "lastSeen": int(state.seen_at * 1000),
+                    "lastTimestamp": state.point.timestamp,
+                }
+                for state in self.buffer.known()
+            }
+        return stats
