@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import signal
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any, ClassVar, Final
 
 from autobahn.twisted.resource import WebSocketResource
@@ -13,6 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -31,13 +35,13 @@ GOING_AWAY: Final = 1001
 _ORIGIN = re.compile(r"\*|https?://[^/\s:]+(:\d{1,5})?")
 
 
-def _number(name: str, text: str, low: float, high: float) -> float:
+def _number(source: str, text: str, low: float, high: float) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
+        raise usage.UsageError(f"{source} must be a number, not {text!r}") from None
     if not low <= value <= high:
-        raise usage.UsageError(f"--{name} must be between {low:g} and {high:g}, not {text}")
+        raise usage.UsageError(f"{source} must be between {low:g} and {high:g}, not {text}")
     return value
 
 
@@ -74,6 +78,8 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        #: Where each value came from, for error messages: the option or the variable.
+        self._sources: dict[str, str] = {}
         self["listen"] = []
         self["cors-origin"] = []
 
@@ -85,23 +91,31 @@ class Options(usage.Options):
         """Origin allowed to read /health and /stats, repeatable [FLEETTRACK_CORS_ORIGIN]"""
         self["cors-origin"].append(origin)
 
-    def _fallback(self, name: str) -> str:
+    def _fill_in(self, name: str) -> None:
+        """Take an option not given on the command line from the environment or the default."""
+        self._sources[name] = f"--{name}"
+        if self[name]:
+            return
         variable, default = self.ENVIRONMENT[name]
-        return self._environ.get(variable) or default
+        value = self._environ.get(variable)
+        if value:
+            self._sources[name] = variable
+        else:
+            value = default
+        self[name] = value.split() if isinstance(self[name], list) else value
 
     def postOptions(self) -> None:
-        for name in ("batch-interval", "vehicle-ttl", "environment"):
-            if self[name] is None:
-                self[name] = self._fallback(name)
-        for name in ("listen", "cors-origin"):
-            if not self[name]:
-                self[name] = self._fallback(name).split()
-        self["batch-interval"] = _number("batch-interval", self["batch-interval"], 10, 60000) / 1000
-        self["vehicle-ttl"] = _number("vehicle-ttl", self["vehicle-ttl"], 1, 365 * 86400)
+        for name in self.ENVIRONMENT:
+            self._fill_in(name)
+        source = self._sources
+        self["batch-interval"] = (
+            _number(source["batch-interval"], self["batch-interval"], 10, 60000) / 1000
+        )
+        self["vehicle-ttl"] = _number(source["vehicle-ttl"], self["vehicle-ttl"], 1, 365 * 86400)
         for origin in self["cors-origin"]:
             if not _ORIGIN.fullmatch(origin):
                 raise usage.UsageError(
-                    f"--cors-origin must be * or scheme://host[:port], not {origin!r}"
+                    f"{source['cors-origin']} must be * or scheme://host[:port], not {origin!r}"
                 )
         from twisted.internet import reactor
 
@@ -109,7 +123,7 @@ class Options(usage.Options):
             try:
                 serverFromString(reactor, description)
             except Exception as error:  # Twisted raises many kinds for a bad description.
-                raise usage.UsageError(f"--listen {description!r}: {error}") from None
+                raise usage.UsageError(f"{source['listen']} {description!r}: {error}") from None
 
 
 def _rss_bytes() -> int:
@@ -160,6 +174,47 @@ class TrackingService(Service):
         return closed
 
 
+class CleanExitOnSignals(Service):
+    """SIGTERM and SIGINT stop the reactor gracefully, and the process then exits 0.
+
+    twistd's own handlers re-raise the signal once the reactor has stopped, so a
+    clean shutdown would still end as "killed by SIGTERM"; service managers and
+    orchestrators read that as a crash.
+    """
+
+    log = Logger()
+    SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._previous: dict[int, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        # The reactor installs its own handlers as it starts running; replace them after that.
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        if self.running:
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._received)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _received(self, number: int, frame: FrameType | None) -> None:
+        self.log.info("received {signal}, shutting down", signal=signal.Signals(number).name)
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        with contextlib.suppress(ReactorNotRunning):  # A second signal while already stopping.
+            self._reactor.stop()
+
+
 def _documents(
     tracking: TrackingService, environment: str
 ) -> dict[bytes, Callable[[], dict[str, Any]]]:
@@ -188,6 +243,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor
     hub = Hub(reactor, options["batch-interval"], options["vehicle-ttl"])
     top = MultiService()
+    CleanExitOnSignals(reactor).setServiceParent(top)
     # Added first so that it stops last: the listeners stop accepting before the final flush.
     tracking = TrackingService(hub, reactor, options["listen"])
     tracking.setServiceParent(top)

@@ -72,7 +72,8 @@ class TrackingServerProtocol(WebSocketServerProtocol):
         self.sendPreparedMessage(batch.framed(self.factory, self.factory.prepare_batch))
 
     def close(self, code: int, reason: str) -> None:
-        self.sendClose(code, reason)
+        # sendClose() refuses protocol-level codes such as 1001 and 1008; the frame itself is fine.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
 
 class TrackingServerFactory(WebSocketServerFactory):

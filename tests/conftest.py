@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest_twisted
+from twisted.application.service import MultiService
+
+from fleettrack.service import Options, makeService
+from tests.wsclient import WSClient
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def point(vehicle_id: str, **fields: object) -> dict[str, object]:
+    """A valid telemetry point, timestamped now unless told otherwise."""
+    raw: dict[str, object] = {
+        "vehicleId": vehicle_id,
+        "timestamp": now_ms(),
+        "latitude": 40.7128,
+        "longitude": -74.006,
+        "speed": 42.5,
+        "bearing": 90,
+    }
+    raw.update(fields)
+    return raw
+
+
+@attrs.define
+class RunningServer:
+    port: int
+    service: MultiService
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def http_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def client(self) -> WSClient:
+        return await WSClient.connect(self.ws_url)
+
+
+def start_server(*arguments: str) -> RunningServer:
+    port = free_port()
+    options = Options(environ={})
+    options.parseOptions(["--listen", f"tcp:{port}:interface=127.0.0.1", *arguments])
+    service = makeService(options)
+    service.startService()
+    return RunningServer(port, service)
+
+
+@pytest_twisted.async_yield_fixture
+async def server() -> AsyncIterator[RunningServer]:
+    """The real service on a free loopback port, with a short batch interval."""
+    running = start_server("--batch-interval", "50", "--cors-origin", "https://dispatch.example")
+    yield running
+    await running.service.stopService()
