@@ -22,6 +22,8 @@ class VehicleState:
     #: Server clock (seconds) when the vehicle was last heard from.
     seen_at: float
     _encoded: bytes | None = None
+    #: The JSON of the last point flushed to viewers: what a new subscriber is sent at once.
+    flushed: bytes | None = None
 
     @property
     def encoded(self) -> bytes:
@@ -62,8 +64,10 @@ class LatestBuffer:
         return True
 
     def drain(self) -> dict[str, VehicleState]:
-        """The vehicles that changed since the last drain; the buffer starts empty again."""
+        """The vehicles that changed since the last drain, now flushed; the buffer starts empty."""
         pending, self._pending = self._pending, {}
+        for state in pending.values():
+            state.flushed = state.encoded
         return pending
 
     def latest(self, vehicle_id: str) -> VehicleState | None:
@@ -71,6 +75,17 @@ class LatestBuffer:
 
     def known(self) -> list[VehicleState]:
         return list(self._known.values())
+
+    def flushed(self, vehicle_id: str | None = None) -> list[bytes]:
+        """The last flushed point of one vehicle, or of every vehicle; never a pending one.
+
+        A subscriber gets these at once; a newer pending point follows in the
+        next flush, so no point reaches a viewer twice.
+        """
+        if vehicle_id is None:
+            return [state.flushed for state in self._known.values() if state.flushed is not None]
+        state = self._known.get(vehicle_id)
+        return [] if state is None or state.flushed is None else [state.flushed]
 
     def expire(self, silent_since: float) -> int:
         """Forget vehicles not heard from since ``silent_since``; return how many."""

@@ -9,7 +9,7 @@ translate between their wire and these calls.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fleettrack.buffer import LatestBuffer, VehicleState
+from fleettrack.buffer import LatestBuffer
 from fleettrack.registry import WILDCARD, SubscriptionRegistry
 from fleettrack.telemetry import TelemetryPoint
 
@@ -49,17 +49,14 @@ class Viewer(Hashable, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-def _batch_of(states: Iterable[VehicleState], batch_id: str, now_ms: int) -> Batch | None:
-    encoded = [state.encoded for state in states]
-    if not encoded:
-        return None
+def _batch_of(points: list[bytes], batch_id: bytes, now_ms: int) -> Batch:
     data = b'{"batchId":"%s","timestamp":%d,"dataPoints":[%s],"count":%d}' % (
-        batch_id.encode(),
+        batch_id,
         now_ms,
-        b",".join(encoded),
-        len(encoded),
+        b",".join(points),
+        len(points),
     )
-    return Batch(data, len(encoded))
+    return Batch(data, len(points))
 
 
 class Hub:
@@ -137,13 +134,12 @@ class Hub:
         return self.registry.unsubscribe(viewer, vehicle_id)
 
     def snapshot(self, vehicle_id: str) -> Batch | None:
-        """The last known point of a vehicle (of all, for the wildcard), as a batch."""
-        if vehicle_id == WILDCARD:
-            states = self.buffer.known()
-        else:
-            state = self.buffer.latest(vehicle_id)
-            states = [] if state is None else [state]
-        return _batch_of(states, self._next_batch_id(), self.now_ms())
+        """The last flushed point of a vehicle (of all, for the wildcard), as a batch."""
+        points = self.buffer.flushed(None if vehicle_id == WILDCARD else vehicle_id)
+        if not points:
+            return None
+        now_ms = self.now_ms()
+        return _batch_of(points, self._next_batch_id(now_ms), now_ms)
 
     # Telemetry
 
@@ -159,24 +155,26 @@ class Hub:
         changed = self.buffer.drain()
         if not changed:
             return
-        batch_id = self._next_batch_id()
         now_ms = self.now_ms()
+        batch_id = self._next_batch_id(now_ms)
         self.total_batches += 1
         self.total_points += len(changed)
         delivered = 0
-        for audience in self.registry.audiences():
+        # Copies: a viewer may go away while its batch is being delivered.
+        for audience in list(self.registry.audiences()):
             if audience.wildcard:
-                states: Iterable[VehicleState] = changed.values()
+                points = [state.encoded for state in changed.values()]
             elif len(audience.vehicles) < len(changed):
-                states = [changed[v] for v in audience.vehicles if v in changed]
+                points = [changed[v].encoded for v in audience.vehicles if v in changed]
             else:
-                states = [state for v, state in changed.items() if v in audience.vehicles]
-            batch = _batch_of(states, batch_id, now_ms)
-            if batch is None:
+                points = [state.encoded for v, state in changed.items() if v in audience.vehicles]
+            if not points:
                 continue
-            for viewer in audience.members:
+            batch = _batch_of(points, batch_id, now_ms)
+            members = list(audience.members)
+            for viewer in members:
                 viewer.deliver(batch)
-            delivered += len(audience.members)
+            delivered += len(members)
         self.batches_delivered += delivered
         self.log.debug(
             "flushed {points} points in {deliveries} batches",
@@ -191,8 +189,8 @@ class Hub:
                 "forgot {count} vehicles silent for {ttl} s", count=expired, ttl=self.vehicle_ttl
             )
 
-    def _next_batch_id(self) -> str:
-        return f"batch_{self.now_ms()}_{next(self._batch_ids)}"
+    def _next_batch_id(self, now_ms: int) -> bytes:
+        return b"batch_%d_%d" % (now_ms, next(self._batch_ids))
 
     # Figures
 

@@ -6,7 +6,6 @@ Validation runs once per received point, so it is written for speed: exact
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Final, TypeGuard
 
@@ -83,16 +82,22 @@ def _invalid(field: str, message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_TELEMETRY, message, field)
 
 
-def _is_number(value: object) -> TypeGuard[float]:
+#: orjson encodes integers in this range; anything larger could not be delivered.
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    """A finite JSON number that can be encoded again; booleans are not numbers."""
     kind = type(value)
-    if kind is int:
-        return True
-    return kind is float and math.isfinite(value)  # type: ignore[arg-type]
+    if kind is float:
+        return bool(value - value == 0.0)  # False for inf and nan
+    return kind is int and _INT_MIN <= value <= _INT_MAX
 
 
 def validate_vehicle_id(value: object, field: str = "vehicleId") -> str:
     """Return ``value`` if it is a well-formed vehicle id, else raise INVALID_VEHICLE_ID."""
-    if type(value) is str and VEHICLE_ID_PATTERN.fullmatch(value):
+    if type(value) is str and _VEHICLE_ID_MATCH(value):
         return value
     raise ProtocolError(
         ErrorCode.INVALID_VEHICLE_ID,
@@ -101,66 +106,62 @@ def validate_vehicle_id(value: object, field: str = "vehicleId") -> str:
     )
 
 
-def _coordinate(raw: dict[str, Any], field: str, limit: int) -> float:
-    value = raw.get(field)
-    if not _is_number(value):
-        raise _invalid(field, f"{field} is required and must be a finite number")
-    if not -limit <= value <= limit:
-        raise _invalid(field, f"{field} must be between -{limit} and {limit}")
-    return value
+_VEHICLE_ID_MATCH: Final = VEHICLE_ID_PATTERN.fullmatch
 
 
-def _optional_number(
-    raw: dict[str, Any],
-    field: str,
-    low: float | None,
-    high: float | None,
-    *,
-    high_open: bool = False,
-) -> float | None:
-    value = raw.get(field)
-    if value is None:
-        return None
-    if not _is_number(value):
-        raise _invalid(field, f"{field} must be a finite number")
-    if (low is not None and value < low) or (
-        high is not None and (value >= high if high_open else value > high)
-    ):
-        bounds = (
-            f"{low} <= {field} {'<' if high_open else '<='} {high}"
-            if high is not None
-            else (f"{field} >= {low}")
+def _number_error(field: str, value: object, bounds: str, required: bool = False) -> ProtocolError:
+    if value is None or not _is_number(value):
+        return _invalid(
+            field, f"{field} {'is required and ' if required else ''}must be a finite number"
         )
-        raise _invalid(field, f"{field} out of range: {bounds}")
-    return value
+    return _invalid(field, f"{field} out of range: {bounds}")
 
 
-def _attribute(key: object, value: object) -> AttributeValue:
+def _timestamp_error(value: object, now_ms: int) -> ProtocolError:
+    if type(value) is not int:
+        return _invalid(
+            "timestamp", "timestamp is required: integer milliseconds since the Unix epoch"
+        )
+    if value < MIN_TIMESTAMP_MS:
+        return _invalid(
+            "timestamp", "timestamp is before 2000-01-01: send milliseconds, not seconds"
+        )
+    return _invalid("timestamp", "timestamp is more than 5 minutes in the future")
+
+
+def _attribute(key: object, value: object, key_field: str, value_field: str) -> AttributeValue:
     if type(key) is not str or not 0 < len(key) <= MAX_ATTRIBUTE_KEY_LENGTH:
         raise _invalid(
-            "attributes", f"attribute names must be 1-{MAX_ATTRIBUTE_KEY_LENGTH} characters"
+            key_field, f"attribute names must be 1-{MAX_ATTRIBUTE_KEY_LENGTH} characters"
         )
     kind = type(value)
-    if kind is str or kind is bool or kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
+    if kind is str or kind is bool or _is_number(value):
         return value  # type: ignore[return-value]
-    raise _invalid(
-        f"attributes.{key}", "attribute values must be strings, finite numbers or booleans"
-    )
+    raise _invalid(value_field, "attribute values must be strings, finite numbers or booleans")
 
 
 def _attributes(raw: dict[str, Any]) -> dict[str, AttributeValue] | None:
+    """The point's attributes, with unknown top-level scalars moved in.
+
+    Clients of the original service send extra fields: their scalar values are
+    kept as attributes (an explicit attribute of the same name wins); object and
+    array values, which an attribute cannot hold, are dropped.
+    """
     given = raw.get("attributes")
     if given is None:
         attributes: dict[str, AttributeValue] = {}
     elif type(given) is dict:
-        attributes = {key: _attribute(key, value) for key, value in given.items()}
+        attributes = {
+            key: _attribute(key, value, "attributes", f"attributes.{key}")
+            for key, value in given.items()
+        }
     else:
         raise _invalid("attributes", "attributes must be an object")
-    if len(raw) > len(_KNOWN_FIELDS & raw.keys()):
-        # Clients of the original service send extra fields: keep the scalars as attributes.
-        for key, value in raw.items():
-            if key not in _KNOWN_FIELDS and value is not None:
-                attributes[key] = _attribute(key, value)
+    for key, value in raw.items():
+        if key in _KNOWN_FIELDS or key in attributes or value is None:
+            continue
+        if type(value) is not dict and type(value) is not list:
+            attributes[key] = _attribute(key, value, key, key)
     if len(attributes) > MAX_ATTRIBUTES:
         raise _invalid("attributes", f"at most {MAX_ATTRIBUTES} attributes are allowed")
     return attributes or None
@@ -169,31 +170,49 @@ def _attributes(raw: dict[str, Any]) -> dict[str, AttributeValue] | None:
 def parse_point(raw: object, now_ms: int) -> TelemetryPoint:
     """Validate one telemetry object as received and build its point.
 
-    Raises :class:`ProtocolError` naming the first offending field.
+    Raises :class:`ProtocolError` naming the first offending field. Runs once
+    per received point, so the common case is checked inline.
     """
     if type(raw) is not dict:
         raise ProtocolError(ErrorCode.INVALID_TELEMETRY, "telemetry must be a JSON object", "data")
-    vehicle_id = validate_vehicle_id(raw.get("vehicleId"))
-    timestamp = raw.get("timestamp")
-    if type(timestamp) is not int:
-        raise _invalid(
-            "timestamp", "timestamp is required: integer milliseconds since the Unix epoch"
+    get = raw.get
+    vehicle_id = get("vehicleId")
+    if type(vehicle_id) is not str or not _VEHICLE_ID_MATCH(vehicle_id):
+        vehicle_id = validate_vehicle_id(vehicle_id)  # raises, with the message
+    timestamp = get("timestamp")
+    if type(timestamp) is not int or not MIN_TIMESTAMP_MS <= timestamp <= now_ms + MAX_FUTURE_MS:
+        raise _timestamp_error(timestamp, now_ms)
+    latitude = get("latitude")
+    if not (_is_number(latitude) and -90 <= latitude <= 90):
+        raise _number_error("latitude", latitude, "-90 <= latitude <= 90", required=True)
+    longitude = get("longitude")
+    if not (_is_number(longitude) and -180 <= longitude <= 180):
+        raise _number_error("longitude", longitude, "-180 <= longitude <= 180", required=True)
+    speed = get("speed")
+    if speed is not None and not (_is_number(speed) and 0 <= speed <= MAX_SPEED_KMH):
+        raise _number_error("speed", speed, f"0 <= speed <= {MAX_SPEED_KMH}")
+    bearing = get("bearing")
+    if bearing is not None and not (_is_number(bearing) and 0 <= bearing < 360):
+        raise _number_error("bearing", bearing, "0 <= bearing < 360")
+    altitude = get("altitude")
+    if altitude is not None and not _is_number(altitude):
+        raise _number_error("altitude", altitude, "finite")
+    accuracy = get("accuracy")
+    if accuracy is not None and not (_is_number(accuracy) and accuracy >= 0):
+        raise _number_error("accuracy", accuracy, "accuracy >= 0")
+    if "attributes" not in raw and raw.keys() <= _KNOWN_FIELDS:
+        return TelemetryPoint(
+            vehicle_id, timestamp, latitude, longitude, speed, bearing, altitude, accuracy
         )
-    if timestamp < MIN_TIMESTAMP_MS:
-        raise _invalid(
-            "timestamp", "timestamp is before 2000-01-01: send milliseconds, not seconds"
-        )
-    if timestamp > now_ms + MAX_FUTURE_MS:
-        raise _invalid("timestamp", "timestamp is more than 5 minutes in the future")
     point = TelemetryPoint(
         vehicle_id,
         timestamp,
-        _coordinate(raw, "latitude", 90),
-        _coordinate(raw, "longitude", 180),
-        _optional_number(raw, "speed", 0, MAX_SPEED_KMH),
-        _optional_number(raw, "bearing", 0, 360, high_open=True),
-        _optional_number(raw, "altitude", None, None),
-        _optional_number(raw, "accuracy", 0, None),
+        latitude,
+        longitude,
+        speed,
+        bearing,
+        altitude,
+        accuracy,
         _attributes(raw),
     )
     if point.attributes is not None and len(point.encode()) > MAX_POINT_BYTES:
