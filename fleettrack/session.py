@@ -62,21 +62,19 @@ class Session:
     # The client's side.
 
     def handle(self, message: Message) -> None:
-        handler = _HANDLERS.get(message.event) if type(message.event) is str else None
+        event, data, ack = message
+        handler = _HANDLERS.get(event) if type(event) is str else None
         try:
             if handler is None:
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_EVENT, f"unknown event {message.event!r}", "event"
-                )
-            result = handler(self, message.data)
+                raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {event!r}", "event")
+            result = handler(self, data)
         except ProtocolError as error:
-            self.report(error, message.ack)
+            self.report(error, ack)
             return
-        if message.ack is not None:
-            result["success"] = True
-            self.connection.send_ack(message.ack, result)
-        elif message.event in _REPLY_WITHOUT_ACK:
-            self.connection.send_event(_REPLY_WITHOUT_ACK[message.event], result)
+        if ack is not None:
+            self.connection.send_ack(ack, {**result, "success": True})
+        elif event in _REPLY_WITHOUT_ACK:
+            self.connection.send_event(_REPLY_WITHOUT_ACK[event], result)
 
     def report(self, error: ProtocolError, ack: int | None = None) -> None:
         """Tell the client about a message it got wrong."""
@@ -114,8 +112,7 @@ class Session:
             except ProtocolError:
                 self.hub.record_rejected()
                 raise
-            fresh = self.hub.ingest(point)
-            return {"accepted": int(fresh), "stale": int(not fresh), "rejected": []}
+            return _ONE_ACCEPTED if self.hub.ingest(point) else _ONE_STALE
         if len(data) > MAX_POINTS_PER_MESSAGE:
             raise ProtocolError(
                 ErrorCode.INVALID_REQUEST,
@@ -157,6 +154,10 @@ _HANDLERS: Final[dict[str, Handler]] = {
     "vehicle:telemetry": Session._telemetry,
     "request:stats": Session._stats,
 }
+
+# Shared, never mutated: the answer to nearly every message, which is one fresh point.
+_ONE_ACCEPTED: Final[dict[str, Any]] = {"accepted": 1, "stale": 0, "rejected": []}
+_ONE_STALE: Final[dict[str, Any]] = {"accepted": 0, "stale": 1, "rejected": []}
 
 #: Requests whose whole point is the answer get it as an event when they carry no ack.
 _REPLY_WITHOUT_ACK: Final[dict[object, str]] = {"request:stats": "stats"}

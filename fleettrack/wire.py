@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 import orjson
 
 from fleettrack.errors import ErrorCode, ProtocolError
 from fleettrack.hub import Batch
 
 
-@attrs.frozen
-class Message:
+class Message(NamedTuple):
     event: object
     data: Any
     ack: int | None
