@@ -22,8 +22,9 @@ class VehicleState:
     #: Server clock (seconds) when the vehicle was last heard from.
     seen_at: float
     _encoded: bytes | None = None
-    #: The JSON of the last point flushed to viewers: what a new subscriber is sent at once.
-    flushed: bytes | None = None
+    #: The JSON of the last point flushed to viewers (empty until the first flush):
+    #: what a new subscriber is sent at once.
+    flushed: bytes = b""
 
     @property
     def encoded(self) -> bytes:
@@ -76,16 +77,16 @@ class LatestBuffer:
     def known(self) -> list[VehicleState]:
         return list(self._known.values())
 
-    def flushed(self, vehicle_id: str | None = None) -> list[bytes]:
-        """The last flushed point of one vehicle, or of every vehicle; never a pending one.
+    def flushed(self, vehicle_id: str | None = None) -> list[VehicleState]:
+        """One vehicle, or every vehicle, that has been flushed at least once.
 
-        A subscriber gets these at once; a newer pending point follows in the
-        next flush, so no point reaches a viewer twice.
+        A subscriber gets their last flushed points at once; a newer pending
+        point follows in the next flush, so no point reaches a viewer twice.
         """
         if vehicle_id is None:
-            return [state.flushed for state in self._known.values() if state.flushed is not None]
+            return [state for state in self._known.values() if state.flushed]
         state = self._known.get(vehicle_id)
-        return [] if state is None or state.flushed is None else [state.flushed]
+        return [] if state is None or not state.flushed else [state]
 
     def expire(self, silent_since: float) -> int:
         """Forget vehicles not heard from since ``silent_since``; return how many."""

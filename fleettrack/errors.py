@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 import attrs
 
@@ -15,6 +15,17 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "INVALID_REQUEST"
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
+    RATE_LIMITED = "RATE_LIMITED"
+    SUBSCRIPTION_LIMIT = "SUBSCRIPTION_LIMIT"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses."""
+
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    UNAUTHORIZED = 4001
 
 
 @attrs.define(auto_exc=True, eq=False)

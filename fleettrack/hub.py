@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fleettrack.buffer import LatestBuffer
-from fleettrack.registry import WILDCARD, SubscriptionRegistry
+from fleettrack.buffer import LatestBuffer, VehicleState
+from fleettrack.registry import WILDCARD, SubscriptionRegistry, VehicleFilter
 from fleettrack.telemetry import TelemetryPoint
 
 T = TypeVar("T")
@@ -32,6 +32,8 @@ class Batch:
     data: bytes
     """The event's ``data`` object as JSON."""
     count: int
+    #: The vehicles in it, so a viewer that cannot take it now can keep just their latest.
+    states: list[VehicleState]
     _frames: dict[Hashable, Any] = attrs.field(factory=dict, init=False)
 
     def framed(self, key: Hashable, frame: Callable[[Batch], T]) -> T:
@@ -49,14 +51,16 @@ class Viewer(Hashable, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-def _batch_of(points: list[bytes], batch_id: bytes, now_ms: int) -> Batch:
+def _batch_of(
+    states: list[VehicleState], points: list[bytes], batch_id: bytes, now_ms: int
+) -> Batch:
     data = b'{"batchId":"%s","timestamp":%d,"dataPoints":[%s],"count":%d}' % (
         batch_id,
         now_ms,
         b",".join(points),
         len(points),
     )
-    return Batch(data, len(points))
+    return Batch(data, len(points), states)
 
 
 class Hub:
@@ -76,6 +80,9 @@ class Hub:
         self.total_batches = 0
         self.total_points = 0
         self.batches_delivered = 0
+        self.slow_viewers_dropped = 0
+        #: Viewers that could not take their batches and hold newer points for later.
+        self.holding: set[Viewer] = set()
         self._batch_ids = itertools.count(1)
         self._all_gone: list[Deferred[None]] = []
         self.started_at = clock.seconds()
@@ -111,6 +118,7 @@ class Hub:
 
     def disconnect(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
+        self.holding.discard(viewer)
         self.registry.remove_viewer(viewer)
         if not self.viewers:
             waiting, self._all_gone = self._all_gone, []
@@ -133,13 +141,23 @@ class Hub:
     def unsubscribe(self, viewer: Viewer, vehicle_id: str) -> bool:
         return self.registry.unsubscribe(viewer, vehicle_id)
 
-    def snapshot(self, vehicle_id: str) -> Batch | None:
-        """The last flushed point of a vehicle (of all, for the wildcard), as a batch."""
-        points = self.buffer.flushed(None if vehicle_id == WILDCARD else vehicle_id)
-        if not points:
+    def snapshot(self, vehicle_id: str, may_watch: VehicleFilter | None = None) -> Batch | None:
+        """The last flushed point of a vehicle (of all it may watch, for the wildcard)."""
+        if vehicle_id == WILDCARD:
+            states = self.buffer.flushed()
+            if may_watch is not None:
+                states = [s for s in states if may_watch(s.point.vehicle_id)]
+        else:
+            states = self.buffer.flushed(vehicle_id)
+        return self.batch_of(states)
+
+    def batch_of(self, states: list[VehicleState]) -> Batch | None:
+        """A batch of these vehicles' last flushed points, for one viewer; None if empty."""
+        if not states:
             return None
         now_ms = self.now_ms()
-        return _batch_of(points, self._next_batch_id(now_ms), now_ms)
+        points = [state.flushed for state in states]
+        return _batch_of(states, points, self._next_batch_id(now_ms), now_ms)
 
     # Telemetry
 
@@ -161,16 +179,22 @@ class Hub:
         self.total_points += len(changed)
         delivered = 0
         # Copies: a viewer may go away while its batch is being delivered.
+        everything = list(changed.values())
         for audience in list(self.registry.audiences()):
             if audience.wildcard:
-                points = [state.encoded for state in changed.values()]
+                may_watch = audience.may_watch
+                states = (
+                    everything
+                    if may_watch is None
+                    else [s for v, s in changed.items() if may_watch(v)]
+                )
             elif len(audience.vehicles) < len(changed):
-                points = [changed[v].encoded for v in audience.vehicles if v in changed]
+                states = [changed[v] for v in audience.vehicles if v in changed]
             else:
-                points = [state.encoded for v, state in changed.items() if v in audience.vehicles]
-            if not points:
+                states = [s for v, s in changed.items() if v in audience.vehicles]
+            if not states:
                 continue
-            batch = _batch_of(points, batch_id, now_ms)
+            batch = _batch_of(states, [s.encoded for s in states], batch_id, now_ms)
             members = list(audience.members)
             for viewer in members:
                 viewer.deliver(batch)
@@ -206,10 +230,11 @@ class Hub:
                 "totalPoints": self.total_points,
                 "totalVehicleUpdates": self.buffer.updates,
                 "batchesDelivered": self.batches_delivered,
-                "pendingBatches": 0,
+                "pendingBatches": len(self.holding),
                 "bufferedVehicles": self.buffer.pending_count,
                 "staleDropped": self.buffer.stale_dropped,
             },
+            "slowViewersDropped": self.slow_viewers_dropped,
         }
         if include_vehicle_details:
             stats["vehicles"] = {

@@ -10,7 +10,7 @@ one regrouping, not 200.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Set
+from collections.abc import Callable, Hashable, Iterable, Set
 from typing import Any, Final, Generic, TypeVar
 
 import attrs
@@ -20,13 +20,21 @@ WILDCARD: Final = "*"
 _EVERYTHING: Final = frozenset({WILDCARD})
 
 ViewerT = TypeVar("ViewerT", bound=Hashable)
+VehicleFilter = Callable[[str], bool]
+#: What a restricted viewer may watch: a hashable key (equal keys, equal
+#: rights) and the test itself.
+Scope = tuple[Hashable, VehicleFilter]
+AudienceKey = tuple[frozenset[str], Hashable]
 
 
 @attrs.define(eq=False)
 class Audience(Generic[ViewerT]):
-    """Viewers with identical subscriptions."""
+    """Viewers with identical subscriptions (and, for the wildcard, identical rights)."""
 
+    key: AudienceKey
     vehicles: frozenset[str]
+    #: Set for a wildcard audience of restricted viewers: the vehicles they may see.
+    may_watch: VehicleFilter | None = None
     members: set[ViewerT] = attrs.field(factory=set)
 
     @property
@@ -38,9 +46,22 @@ class SubscriptionRegistry(Generic[ViewerT]):
     def __init__(self) -> None:
         self._by_vehicle: dict[str, set[ViewerT]] = {}
         self._by_viewer: dict[ViewerT, set[str]] = {}
-        self._audiences: dict[frozenset[str], Audience[ViewerT]] = {}
+        self._audiences: dict[AudienceKey, Audience[ViewerT]] = {}
         self._audience_of: dict[ViewerT, Audience[ViewerT]] = {}
+        self._scopes: dict[ViewerT, Scope] = {}
         self._regroup: set[ViewerT] = set()
+
+    def restrict(self, viewer: ViewerT, scope: Scope | None) -> None:
+        """Limit what a wildcard subscription of ``viewer`` delivers (None: everything).
+
+        Explicit subscriptions are checked against the viewer's rights when they
+        are made; the wildcard is filtered at every flush.
+        """
+        if scope is None:
+            self._scopes.pop(viewer, None)
+        else:
+            self._scopes[viewer] = scope
+        self._regroup.add(viewer)
 
     def subscribe(self, viewer: ViewerT, vehicle_id: str) -> bool:
         """Add a subscription; False if it was already there."""
@@ -75,6 +96,7 @@ class SubscriptionRegistry(Generic[ViewerT]):
             if not viewers:
                 del self._by_vehicle[vehicle_id]
         self._regroup.discard(viewer)
+        self._scopes.pop(viewer, None)
         self._leave_audience(viewer)
 
     def subscribers(self, vehicle_id: str) -> Set[ViewerT]:
@@ -89,10 +111,16 @@ class SubscriptionRegistry(Generic[ViewerT]):
             vehicles = self._by_viewer.get(viewer)
             if not vehicles:
                 continue
-            key = _EVERYTHING if WILDCARD in vehicles else frozenset(vehicles)
+            may_watch: VehicleFilter | None = None
+            if WILDCARD not in vehicles:
+                key: AudienceKey = (frozenset(vehicles), None)
+            elif (scope := self._scopes.get(viewer)) is None:
+                key = (_EVERYTHING, None)
+            else:
+                key, may_watch = (_EVERYTHING, scope[0]), scope[1]
             audience = self._audiences.get(key)
             if audience is None:
-                audience = self._audiences[key] = Audience(key)
+                audience = self._audiences[key] = Audience(key, key[0], may_watch)
             audience.members.add(viewer)
             self._audience_of[viewer] = audience
         self._regroup.clear()
@@ -103,7 +131,7 @@ class SubscriptionRegistry(Generic[ViewerT]):
         if audience is not None:
             audience.members.discard(viewer)
             if not audience.members:
-                del self._audiences[audience.vehicles]
+                del self._audiences[audience.key]
 
     def stats(self) -> dict[str, Any]:
         counts = {vehicle_id: len(viewers) for vehicle_id, viewers in self._by_vehicle.items()}

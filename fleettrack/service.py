@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import re
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import StreamServerEndpointService
@@ -19,111 +18,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 
 import twisted
 from fleettrack import __version__
+from fleettrack.errors import CloseCode
 from fleettrack.hub import Hub
+from fleettrack.options import Options
 from fleettrack.web import build_site
 from fleettrack.websocket import TrackingServerFactory
 
 #: Seconds that closing WebSockets may take at shutdown before the process goes anyway.
 SHUTDOWN_GRACE: Final = 3.0
-GOING_AWAY: Final = 1001
-
-_ORIGIN = re.compile(r"\*|https?://[^/\s:]+(:\d{1,5})?")
-
-
-def _number(source: str, text: str, low: float, high: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise usage.UsageError(f"{source} must be a number, not {text!r}") from None
-    if not low <= value <= high:
-        raise usage.UsageError(f"{source} must be between {low:g} and {high:g}, not {text}")
-    return value
-
-
-class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = (
-        "Real-time vehicle tracking. Every option can also be set through the environment "
-        "variable named beside it; the command line wins."
-    )
-    optParameters: ClassVar[list[list[str | None]]] = [
-        [
-            "batch-interval",
-            None,
-            None,
-            "Batch interval in ms, 10-60000 [FLEETTRACK_BATCH_INTERVAL_MS]",
-        ],
-        [
-            "vehicle-ttl",
-            None,
-            None,
-            "Seconds a silent vehicle's point is kept [FLEETTRACK_VEHICLE_TTL]",
-        ],
-        ["environment", None, None, "Deployment name shown in /stats [FLEETTRACK_ENVIRONMENT]"],
-    ]
-    #: Option -> (environment variable, default).
-    ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
-        "batch-interval": ("FLEETTRACK_BATCH_INTERVAL_MS", "1000"),
-        "vehicle-ttl": ("FLEETTRACK_VEHICLE_TTL", "86400"),
-        "environment": ("FLEETTRACK_ENVIRONMENT", "production"),
-        "listen": ("FLEETTRACK_LISTEN", "tcp:3001"),
-        "cors-origin": ("FLEETTRACK_CORS_ORIGIN", ""),
-    }
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        self._environ = os.environ if environ is None else environ
-        #: Where each value came from, for error messages: the option or the variable.
-        self._sources: dict[str, str] = {}
-        self["listen"] = []
-        self["cors-origin"] = []
-
-    def opt_listen(self, endpoint: str) -> None:
-        """Twisted endpoint to serve on, repeatable [FLEETTRACK_LISTEN, space-separated]"""
-        self["listen"].append(endpoint)
-
-    def opt_cors_origin(self, origin: str) -> None:
-        """Origin allowed to read /health and /stats, repeatable [FLEETTRACK_CORS_ORIGIN]"""
-        self["cors-origin"].append(origin)
-
-    def _fill_in(self, name: str) -> None:
-        """Take an option not given on the command line from the environment or the default."""
-        self._sources[name] = f"--{name}"
-        if self[name]:
-            return
-        variable, default = self.ENVIRONMENT[name]
-        value = self._environ.get(variable)
-        if value:
-            self._sources[name] = variable
-        else:
-            value = default
-        self[name] = value.split() if isinstance(self[name], list) else value
-
-    def postOptions(self) -> None:
-        for name in self.ENVIRONMENT:
-            self._fill_in(name)
-        source = self._sources
-        self["batch-interval"] = (
-            _number(source["batch-interval"], self["batch-interval"], 10, 60000) / 1000
-        )
-        self["vehicle-ttl"] = _number(source["vehicle-ttl"], self["vehicle-ttl"], 1, 365 * 86400)
-        for origin in self["cors-origin"]:
-            if not _ORIGIN.fullmatch(origin):
-                raise usage.UsageError(
-                    f"{source['cors-origin']} must be * or scheme://host[:port], not {origin!r}"
-                )
-        from twisted.internet import reactor
-
-        for description in self["listen"]:
-            try:
-                serverFromString(reactor, description)
-            except Exception as error:  # Twisted raises many kinds for a bad description.
-                raise usage.UsageError(f"{source['listen']} {description!r}: {error}") from None
 
 
 def _rss_bytes() -> int:
@@ -163,7 +69,7 @@ class TrackingService(Service):
         self.log.info(
             "fleettrack stopping: closing {count} connections", count=len(self.hub.viewers)
         )
-        closed = self.hub.close_all(GOING_AWAY, "server shutting down")
+        closed = self.hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
         closed.addTimeout(SHUTDOWN_GRACE, self._reactor)
 
         def gave_up(failure: Failure) -> None:
@@ -241,19 +147,47 @@ def _documents(
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    hub = Hub(reactor, options["batch-interval"], options["vehicle-ttl"])
+    hub = Hub(reactor, options["batch-interval"] / 1000, options["vehicle-ttl"])
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
     # Added first so that it stops last: the listeners stop accepting before the final flush.
     tracking = TrackingService(hub, reactor, options["listen"])
     tracking.setServiceParent(top)
+    policy = options["policy"]
+    if policy.verifier is None:
+        tracking.log.warn(
+            "authentication is off: anyone who can connect may publish and watch every vehicle"
+            " (see --auth-secret-file)"
+        )
+    factory = TrackingServerFactory(
+        hub,
+        reactor,
+        policy=policy,
+        max_message_bytes=options["max-message-size"],
+        ping_interval=options["ping-interval"],
+        ping_timeout=options["ping-timeout"],
+    )
+    max_connections = options["max-connections"]
     site = build_site(
-        WebSocketResource(TrackingServerFactory(hub, reactor)),
+        WebSocketResource(factory),
         _documents(tracking, options["environment"]),
-        options["cors-origin"],
+        cors_origins=options["cors-origin"],
+        allowed_origins=options["allowed-origin"],
+        has_room=lambda: len(hub.viewers) < max_connections,
     )
     for description in options["listen"]:
-        StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(
-            top
-        )
+        endpoint = serverFromString(reactor, _with_backlog(description))
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
     return top
+
+
+#: Pending connections the kernel queues per listening port (Twisted's default is 50,
+#: which refuses a storm of reconnecting clients after a restart).
+LISTEN_BACKLOG: Final = 4096
+
+
+def _with_backlog(description: str) -> str:
+    kind = description.split(":", 1)[0]
+    if kind in {"tcp", "tcp6", "ssl", "unix"} and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description

@@ -90,6 +90,38 @@ class NotFoundResource(Resource):
         return write_json(request, 404, _error_body("NOT_FOUND", "no such resource"), self._cors)
 
 
+class WebSocketGate(Resource):
+    """Refuses a handshake before any WebSocket state exists: a foreign origin, a full server."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        websocket: WebSocketResource,
+        allowed_origins: Iterable[str],
+        has_room: Callable[[], bool],
+        cors: CorsPolicy,
+    ) -> None:
+        super().__init__()
+        self._websocket = websocket
+        self._origins = frozenset(origin.encode() for origin in allowed_origins)
+        self._has_room = has_room
+        self._cors = cors
+
+    def render(self, request: Request) -> bytes | int:
+        origin = request.getHeader(b"origin")
+        # Browsers always send Origin; other clients may not, and are not refused for it.
+        if self._origins and origin is not None and origin not in self._origins:
+            body = _error_body("FORBIDDEN_ORIGIN", "this origin may not open a WebSocket here")
+            return write_json(request, 403, body, self._cors)
+        if not self._has_room():
+            request.setHeader(b"Retry-After", b"5")
+            body = _error_body("SERVER_FULL", "too many connections; try again later")
+            return write_json(request, 503, body, self._cors)
+        rendered: bytes | int = self._websocket.render(request)
+        return rendered
+
+
 class RootResource(Resource):
     def __init__(self, cors: CorsPolicy) -> None:
         super().__init__()
@@ -107,12 +139,15 @@ def _gzipped(resource: Resource) -> IResource:
 def build_site(
     websocket: WebSocketResource,
     documents: dict[bytes, JSONBody],
+    *,
     cors_origins: Iterable[str],
+    allowed_origins: Iterable[str],
+    has_room: Callable[[], bool],
 ) -> Site:
     """One Site: the WebSocket endpoint at ``/ws`` and a JSON document per ``documents`` entry."""
     cors = CorsPolicy(cors_origins)
     root = RootResource(cors)
-    root.putChild(b"ws", websocket)
+    root.putChild(b"ws", WebSocketGate(websocket, allowed_origins, has_room, cors))
     for name, body in documents.items():
         root.putChild(name, _gzipped(JSONResource(body, cors)))
     site = Site(root)

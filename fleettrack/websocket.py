@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+from typing import Any, Final
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISystemHandle
 from twisted.logger import Logger
 from wsaccel.xormask import XorMaskerSimple
 
 from fleettrack.errors import ErrorCode, ProtocolError
 from fleettrack.hub import Batch, Hub
-from fleettrack.session import Session
+from fleettrack.session import Policy, Session
 from fleettrack.wire import decode_message, encode_ack, encode_batch, encode_event
 
 _BINARY_REFUSED = ProtocolError(
@@ -21,6 +22,10 @@ _BINARY_REFUSED = ProtocolError(
 _OPEN = WebSocketProtocol.STATE_OPEN
 #: First header byte of a complete, unfragmented, uncompressed text frame (FIN + opcode 1).
 _FIN_TEXT = 0x81
+#: Kernel send buffer per connection. Small enough that a viewer which stops
+#: reading fills it (and Twisted's own 64 KiB buffer, which pauses us) within
+#: a few batches, large enough for a batch of a few thousand points.
+SEND_BUFFER_BYTES: Final = 256 * 1024
 
 
 class TrackingServerProtocol(WebSocketServerProtocol):
@@ -28,16 +33,30 @@ class TrackingServerProtocol(WebSocketServerProtocol):
 
     factory: TrackingServerFactory
     session: Session | None = None
+    _url_token: str | None = None
     _log = Logger()
 
+    def onConnect(self, request: Any) -> None:
+        tokens = request.params.get("token")
+        if tokens:
+            self._url_token = tokens[0]
+
     def onOpen(self) -> None:
-        self.session = Session(self.factory.hub, self)
-        self.factory.hub.connect(self.session)
+        if ISystemHandle.providedBy(self.transport):
+            handle = self.transport.getHandle()
+            if isinstance(handle, socket.socket):  # not under TLS: that is an OpenSSL object
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        # The HTTP channel that carried the handshake was the transport's producer.
+        self.unregisterProducer()
+        self.registerProducer(self, True)
+        self.session = Session(self.factory.hub, self, self.factory.policy)
         self._log.info(
             "connection opened from {peer} ({count} connected)",
             peer=self.peer,
-            count=len(self.factory.hub.viewers),
+            count=len(self.factory.hub.viewers) + 1,
         )
+        token, self._url_token = self._url_token, None
+        self.session.open(token)
 
     def dataReceived(self, data: bytes) -> None:
         """Take whole small text frames straight off the wire; leave the rest to Autobahn.
@@ -112,13 +131,26 @@ class TrackingServerProtocol(WebSocketServerProtocol):
         session, self.session = self.session, None
         if session is None:
             return
-        self.factory.hub.disconnect(session)
+        session.closed()
         self._log.info(
             "connection closed from {peer} (code {code}, {count} connected)",
             peer=self.peer,
             code=code,
             count=len(self.factory.hub.viewers),
         )
+
+    # The transport's producer: it pauses us when the viewer stops reading.
+
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.pause()
+
+    def resumeProducing(self) -> None:
+        if self.session is not None:
+            self.session.resume()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; onClose cleans up."""
 
     # Connection, as the session sees it.
 
@@ -139,13 +171,35 @@ class TrackingServerProtocol(WebSocketServerProtocol):
 class TrackingServerFactory(WebSocketServerFactory):
     protocol = TrackingServerProtocol  # type: ignore[assignment]
 
-    def __init__(self, hub: Hub, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        reactor: IReactorTime,
+        *,
+        policy: Policy | None = None,
+        max_message_bytes: int = 64 * 1024,
+        ping_interval: float = 25.0,
+        ping_timeout: float = 10.0,
+    ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
+        self.policy = policy or Policy()
         self.setProtocolOptions(
-            # Answer text frames only after JSON parsing, which validates UTF-8 itself.
+            # Text frames are checked as JSON, which validates UTF-8 itself.
             utf8validateIncoming=False,
+            maxFramePayloadSize=max_message_bytes,
+            maxMessagePayloadSize=max_message_bytes,
+            openHandshakeTimeout=10,
             closeHandshakeTimeout=2,
+            # Pings make half-open connections (a phone that lost coverage) go away.
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            # Say why (1002, 1009...) instead of just dropping the TCP connection.
+            failByDrop=False,
+            webStatus=False,
+            # permessage-deflate costs CPU and memory per connection and is a
+            # decompression-bomb surface; batches are small. Refuse it.
+            perMessageCompressionAccept=lambda offers: None,
         )
 
     def prepare_batch(self, batch: Batch) -> Any:

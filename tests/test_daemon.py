@@ -86,14 +86,14 @@ def test_environment_fills_in_what_the_command_line_does_not_say() -> None:
         }
     )
     options.parseOptions(["--batch-interval", "500"])
-    assert options["batch-interval"] == 0.5
+    assert options["batch-interval"] == 500
     assert options["vehicle-ttl"] == 60
     assert options["listen"] == ["tcp:4000", "tcp:4001:interface=127.0.0.1"]
     assert options["cors-origin"] == ["https://a.example", "https://b.example:8443"]
     assert options["environment"] == "staging"
     defaults = Options(environ={})
     defaults.parseOptions([])
-    assert (defaults["listen"], defaults["batch-interval"]) == (["tcp:3001"], 1.0)
+    assert (defaults["listen"], defaults["batch-interval"]) == (["tcp:3001"], 1000)
 
 
 class DaemonProcess(protocol.ProcessProtocol):

@@ -507,6 +507,7 @@ def test_stats_figures(clock: Clock, hub: Hub) -> None:
             "bufferedVehicles": 1,
             "staleDropped": 2,
         },
+        "slowViewersDropped": 0,
     }
     assert ids(alice.batches[0]) == ["a", "b"]
     orjson.dumps(stats)  # JSON-serialisable
@@ -550,7 +551,7 @@ def test_uptime_and_now(clock: Clock) -> None:
 
 
 def test_batch_framed_caches_one_frame_per_key() -> None:
-    batch = Batch(b'{"count":0}', 0)
+    batch = Batch(b'{"count":0}', 0, [])
     calls: list[Batch] = []
 
     def frame(b: Batch) -> bytes:

@@ -626,7 +626,7 @@ def test_full_conversation_through_the_decoder(hub: Hub) -> None:
 
 def test_session_is_the_hubs_viewer(hub: Hub) -> None:
     session, conn = open_session(hub)
-    batch = Batch(b'{"batchId":"b","timestamp":1,"dataPoints":[],"count":0}', 0)
+    batch = Batch(b'{"batchId":"b","timestamp":1,"dataPoints":[],"count":0}', 0, [])
     session.deliver(batch)
     assert conn.frames == [
         {
@@ -689,7 +689,7 @@ def test_encoders() -> None:
         "ack": 3,
         "data": {"success": True},
     }
-    batch = Batch(b'{"count":0}', 0)
+    batch = Batch(b'{"count":0}', 0, [])
     assert orjson.loads(encode_batch(batch)) == {
         "event": "vehicle:telemetry:batch",
         "data": {"count": 0},
