@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime, ISystemHandle
 from twisted.logger import Logger
 from wsaccel.xormask import XorMaskerSimple
@@ -34,6 +35,8 @@ class TrackingServerProtocol(WebSocketServerProtocol):
     factory: TrackingServerFactory
     session: Session | None = None
     _url_token: str | None = None
+    #: A plain TCP connection's socket and transport, written to directly (see sendData).
+    _direct: tuple[socket.socket, FileDescriptor] | None = None
     _log = Logger()
 
     def onConnect(self, request: Any) -> None:
@@ -46,6 +49,7 @@ class TrackingServerProtocol(WebSocketServerProtocol):
             handle = self.transport.getHandle()
             if isinstance(handle, socket.socket):  # not under TLS: that is an OpenSSL object
                 handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+                self._direct = (handle, cast(FileDescriptor, self.transport))
         # The HTTP channel that carried the handshake was the transport's producer.
         self.unregisterProducer()
         self.registerProducer(self, True)
@@ -138,6 +142,38 @@ class TrackingServerProtocol(WebSocketServerProtocol):
             code=code,
             count=len(self.factory.hub.viewers),
         )
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Every outgoing frame passes here: write it at once when nothing is queued.
+
+        Autobahn's own sendData formats debug-log arguments for every frame
+        even with debug off, and Twisted's transport.write registers the
+        socket for writability and writes a reactor turn later (two epoll_ctl
+        calls and a wakeup per frame). A flush sends one frame to each of
+        thousands of viewers, so on a plain TCP socket with an empty buffer
+        the frame goes straight to the kernel. Whatever the kernel does not
+        take goes through the transport, which keeps the order and pauses us
+        when the viewer stops reading.
+        """
+        direct = self._direct
+        if direct is None or sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        sock, transport = direct
+        if (
+            transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:  # full (EAGAIN), or broken: the transport finds out itself
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     # The transport's producer: it pauses us when the viewer stops reading.
 
