@@ -27,6 +27,8 @@ from fleettrack.wire import Message
 
 #: Gateways relay many vehicles in one message; this bounds one message's work.
 MAX_POINTS_PER_MESSAGE: Final = 1000
+#: Seconds without a refused message that end a flood.
+FLOOD_QUIET: Final = 1.0
 
 
 class Connection(Protocol):
@@ -74,6 +76,7 @@ class Session:
         self._messages = TokenBucket(limits.messages_per_second, limits.message_burst, now)
         self._points = TokenBucket(limits.points_per_second, limits.points_per_second, now)
         self._flooding_since: float | None = None
+        self._last_limited = 0.0
         #: While the connection cannot take data: per vehicle, what it still needs.
         self._held: dict[str, VehicleState] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -129,10 +132,22 @@ class Session:
         held, self._held = self._held, None
         self._stop_timer("stall")
         self.hub.holding.discard(self)
-        if held:
-            batch = self.hub.batch_of(list(held.values()))
-            if batch is not None:
-                self.connection.send_batch(batch)
+        if not held:
+            return
+        # Only what the viewer still watches: it may have unsubscribed or
+        # re-authenticated with fewer rights while it was not reading.
+        subscriptions = self.hub.registry.subscriptions(self)
+        grant = self.grant or OPEN
+        everything = WILDCARD in subscriptions
+        batch = self.hub.batch_of(
+            [
+                state
+                for vehicle_id, state in held.items()
+                if vehicle_id in subscriptions or (everything and grant.may_watch(vehicle_id))
+            ]
+        )
+        if batch is not None:
+            self.connection.send_batch(batch)
 
     # The client's side.
 
@@ -144,7 +159,6 @@ class Session:
         if not self._messages.take(now):
             self._rate_limited(now, ack)
             return
-        self._flooding_since = None
         handler = _HANDLERS.get(event) if type(event) is str else None
         try:
             if handler is None:
@@ -219,7 +233,7 @@ class Session:
             may_watch = None if grant.watches_everything else grant.may_watch
             snapshot = self.hub.snapshot(vehicle_id, may_watch)
             if snapshot is not None:
-                self.connection.send_batch(snapshot)
+                self.deliver(snapshot)
         return {**confirmation, "alreadySubscribed": not added}
 
     def _unsubscribe(self, data: Any) -> dict[str, Any]:
@@ -299,9 +313,12 @@ class Session:
 
     def _rate_limited(self, now: float, ack: int | None) -> None:
         limits = self.policy.limits
-        if self._flooding_since is None:
+        # A flood lets one message through whenever a token comes back, so it
+        # only counts as over when a whole second passes with nothing refused.
+        if self._flooding_since is None or now - self._last_limited >= FLOOD_QUIET:
             self._flooding_since = now
-        elif now - self._flooding_since >= limits.flood_close_after:
+        self._last_limited = now
+        if now - self._flooding_since >= limits.flood_close_after:
             self.close(CloseCode.POLICY_VIOLATION, "message rate limit exceeded for too long")
             return
         message = (
