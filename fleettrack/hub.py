@@ -161,10 +161,10 @@ class Hub:
 
     # Telemetry
 
-    def ingest(self, point: TelemetryPoint) -> bool:
+    def ingest(self, point: TelemetryPoint, now: float | None = None) -> bool:
         """Take a validated point; False if it is stale and will not be delivered."""
         self.telemetry_received += 1
-        return self.buffer.offer(point, self.clock.seconds())
+        return self.buffer.offer(point, self.clock.seconds() if now is None else now)
 
     def record_rejected(self, count: int = 1) -> None:
         self.telemetry_rejected += count

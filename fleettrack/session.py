@@ -50,7 +50,8 @@ class Policy:
     limits: Limits = attrs.field(factory=Limits)
 
 
-Handler = Callable[["Session", Any], dict[str, Any]]
+#: (session, the message's data, the server clock in seconds) -> the ack's data.
+Handler = Callable[["Session", Any, float], dict[str, Any]]
 
 
 def _request_object(data: Any) -> dict[str, Any]:
@@ -91,7 +92,7 @@ class Session:
             self._start_timer("auth", timeout, self._unauthorized, "not authenticated in time")
             if token is not None:
                 try:
-                    self._authenticate(token)
+                    self._authenticate(token, self.hub.clock.seconds())
                 except ProtocolError as error:
                     self.close(CloseCode.UNAUTHORIZED, error.message)
 
@@ -167,7 +168,7 @@ class Session:
                 raise ProtocolError(
                     ErrorCode.UNAUTHORIZED, "authenticate first: send an auth event with a token"
                 )
-            result = handler(self, data)
+            result = handler(self, data, now)
         except ProtocolError as error:
             self.report(error, ack)
             return
@@ -185,16 +186,15 @@ class Session:
         else:
             self.connection.send_ack(ack, {"success": False, "error": error.as_dict()})
 
-    def _auth(self, data: Any) -> dict[str, Any]:
-        grant = self._authenticate(_request_object(data).get("token"))
+    def _auth(self, data: Any, now: float) -> dict[str, Any]:
+        grant = self._authenticate(_request_object(data).get("token"), now)
         expires_at = None if grant.expires_at == OPEN.expires_at else int(grant.expires_at * 1000)
         return {"subject": grant.subject, "expiresAt": expires_at}
 
-    def _authenticate(self, token: object) -> Grant:
+    def _authenticate(self, token: object, now: float) -> Grant:
         verifier = self.policy.verifier
         if verifier is None:
             return OPEN
-        now = self.hub.clock.seconds()
         grant = verifier.verify(token if isinstance(token, str) else None, now)
         self._stop_timer("auth")
         self._start_timer("expiry", grant.seconds_left(now), self._unauthorized, "token expired")
@@ -212,7 +212,7 @@ class Session:
         scope = None if grant.watches_everything else (grant.watch_scope, grant.may_watch)
         self.hub.registry.restrict(self, scope)
 
-    def _subscribe(self, data: Any) -> dict[str, Any]:
+    def _subscribe(self, data: Any, now: float) -> dict[str, Any]:
         vehicle_id = _subscription_target(data)
         grant = self.grant or OPEN
         if vehicle_id != WILDCARD:
@@ -236,7 +236,7 @@ class Session:
                 self.deliver(snapshot)
         return {**confirmation, "alreadySubscribed": not added}
 
-    def _unsubscribe(self, data: Any) -> dict[str, Any]:
+    def _unsubscribe(self, data: Any, now: float) -> dict[str, Any]:
         vehicle_id = _subscription_target(data)
         was_subscribed = self.hub.unsubscribe(self, vehicle_id)
         if was_subscribed:
@@ -250,22 +250,22 @@ class Session:
             grant.check_publish(point.vehicle_id)
         return point
 
-    def _telemetry(self, data: Any) -> dict[str, Any]:
-        now_ms = self.hub.now_ms()
+    def _telemetry(self, data: Any, now: float) -> dict[str, Any]:
+        now_ms = int(now * 1000)
         if type(data) is not list:
             try:
                 point = self._point(data, now_ms)
             except ProtocolError:
                 self.hub.record_rejected()
                 raise
-            return _ONE_ACCEPTED if self.hub.ingest(point) else _ONE_STALE
+            return _ONE_ACCEPTED if self.hub.ingest(point, now) else _ONE_STALE
         if len(data) > MAX_POINTS_PER_MESSAGE:
             raise ProtocolError(
                 ErrorCode.INVALID_REQUEST,
                 f"at most {MAX_POINTS_PER_MESSAGE} points per message",
                 "data",
             )
-        if not self._points.take(self.hub.clock.seconds(), len(data)):
+        if not self._points.take(now, len(data)):
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 f"over {self.policy.limits.points_per_second:g} points per second",
@@ -279,7 +279,7 @@ class Session:
             except ProtocolError as error:
                 rejected.append({"index": index, **error.as_dict()})
                 continue
-            if self.hub.ingest(point):
+            if self.hub.ingest(point, now):
                 accepted += 1
             else:
                 stale += 1
@@ -287,7 +287,7 @@ class Session:
             self.hub.record_rejected(len(rejected))
         return {"accepted": accepted, "stale": stale, "rejected": rejected}
 
-    def _stats(self, data: Any) -> dict[str, Any]:
+    def _stats(self, data: Any, now: float) -> dict[str, Any]:
         details = (
             False if data is None else _request_object(data).get("includeVehicleDetails", False)
         )

@@ -171,7 +171,10 @@ def parse_point(raw: object, now_ms: int) -> TelemetryPoint:
     """Validate one telemetry object as received and build its point.
 
     Raises :class:`ProtocolError` naming the first offending field. Runs once
-    per received point, so the common case is checked inline.
+    per received point, so the common case is checked inline: a bounded range
+    check on an int or float also refuses nan and infinities (every
+    comparison with nan is false), so only unbounded fields need
+    :func:`_is_number`.
     """
     if type(raw) is not dict:
         raise ProtocolError(ErrorCode.INVALID_TELEMETRY, "telemetry must be a JSON object", "data")
@@ -182,17 +185,21 @@ def parse_point(raw: object, now_ms: int) -> TelemetryPoint:
     timestamp = get("timestamp")
     if type(timestamp) is not int or not MIN_TIMESTAMP_MS <= timestamp <= now_ms + MAX_FUTURE_MS:
         raise _timestamp_error(timestamp, now_ms)
-    latitude = get("latitude")
-    if not (_is_number(latitude) and -90 <= latitude <= 90):
+    latitude: Any = get("latitude")
+    kind = type(latitude)
+    if not ((kind is float or kind is int) and -90 <= latitude <= 90):
         raise _number_error("latitude", latitude, "-90 <= latitude <= 90", required=True)
-    longitude = get("longitude")
-    if not (_is_number(longitude) and -180 <= longitude <= 180):
+    longitude: Any = get("longitude")
+    kind = type(longitude)
+    if not ((kind is float or kind is int) and -180 <= longitude <= 180):
         raise _number_error("longitude", longitude, "-180 <= longitude <= 180", required=True)
     speed = get("speed")
-    if speed is not None and not (_is_number(speed) and 0 <= speed <= MAX_SPEED_KMH):
+    kind = type(speed)
+    if speed is not None and not ((kind is float or kind is int) and 0 <= speed <= MAX_SPEED_KMH):
         raise _number_error("speed", speed, f"0 <= speed <= {MAX_SPEED_KMH}")
     bearing = get("bearing")
-    if bearing is not None and not (_is_number(bearing) and 0 <= bearing < 360):
+    kind = type(bearing)
+    if bearing is not None and not ((kind is float or kind is int) and 0 <= bearing < 360):
         raise _number_error("bearing", bearing, "0 <= bearing < 360")
     altitude = get("altitude")
     if altitude is not None and not _is_number(altitude):

@@ -82,7 +82,7 @@ class TrackingServerProtocol(WebSocketServerProtocol):
             super().dataReceived(data)
             return
         offset, size = 0, len(data)
-        limit = min(self.maxFramePayloadSize or size, self.maxMessagePayloadSize or size)
+        limit = self.factory.max_message_bytes
         while size - offset >= 6 and data[offset] == _FIN_TEXT:
             length = data[offset + 1] ^ 0x80  # the MASK bit must be set: clients always mask
             if length < 126:
@@ -220,6 +220,7 @@ class TrackingServerFactory(WebSocketServerFactory):
         super().__init__(reactor=reactor)
         self.hub = hub
         self.policy = policy or Policy()
+        self.max_message_bytes = max_message_bytes
         self.setProtocolOptions(
             # Text frames are checked as JSON, which validates UTF-8 itself.
             utf8validateIncoming=False,
