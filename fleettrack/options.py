@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from fleettrack.auth import AuthConfigError, TokenVerifier
 from fleettrack.limits import Limits
+from fleettrack.reactor import install_unless_chosen
 from fleettrack.session import Policy
 
 #: (where the value came from, its text) -> the value.
@@ -66,6 +67,7 @@ def _origin(wildcard: bool) -> Convert:
 
 
 def _endpoint(source: str, text: str) -> str:
+    install_unless_chosen()  # before anything imports the default reactor
     from twisted.internet import reactor
 
     try:

@@ -25,6 +25,7 @@ from fleettrack import __version__
 from fleettrack.errors import CloseCode
 from fleettrack.hub import Hub
 from fleettrack.options import Options
+from fleettrack.session import Policy
 from fleettrack.web import build_site
 from fleettrack.websocket import TrackingServerFactory
 
@@ -47,11 +48,12 @@ class TrackingService(Service):
 
     log = Logger()
 
-    def __init__(self, hub: Hub, reactor: IReactorTime, listen: list[str]) -> None:
+    def __init__(self, hub: Hub, reactor: IReactorTime, listen: list[str], policy: Policy) -> None:
         super().__init__()
         self.hub = hub
         self._reactor = reactor
         self._listen = listen
+        self._policy = policy
 
     def startService(self) -> None:
         super().startService()
@@ -62,6 +64,11 @@ class TrackingService(Service):
             endpoints=", ".join(self._listen),
             interval=int(self.hub.batch_interval * 1000),
         )
+        if self._policy.verifier is None:
+            self.log.warn(
+                "authentication is off: anyone who can connect may publish and watch every"
+                " vehicle (see --auth-secret-file)"
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -151,14 +158,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
     # Added first so that it stops last: the listeners stop accepting before the final flush.
-    tracking = TrackingService(hub, reactor, options["listen"])
+    tracking = TrackingService(hub, reactor, options["listen"], options["policy"])
     tracking.setServiceParent(top)
     policy = options["policy"]
-    if policy.verifier is None:
-        tracking.log.warn(
-            "authentication is off: anyone who can connect may publish and watch every vehicle"
-            " (see --auth-secret-file)"
-        )
     factory = TrackingServerFactory(
         hub,
         reactor,

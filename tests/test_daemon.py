@@ -33,6 +33,32 @@ def test_twistd_lists_the_plugin() -> None:
     assert "fleettrack" in listing.stdout
 
 
+def reactor_after(setup: str) -> str:
+    """The reactor class a fresh process ends up with after ``setup``."""
+    script = (
+        f"{setup}\n"
+        "from fleettrack.reactor import install_unless_chosen\n"
+        "install_unless_chosen()\n"
+        "from twisted.internet import reactor\n"
+        "reactor.callWhenRunning(reactor.callLater, 0.01, reactor.stop)\n"
+        "reactor.run()\n"
+        "print(type(reactor).__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    return result.stdout.strip()
+
+
+def test_the_tracking_reactor_is_the_default_and_runs() -> None:
+    assert reactor_after("") == "TrackingReactor"
+
+
+def test_a_reactor_chosen_before_is_kept() -> None:
+    setup = "from twisted.internet import pollreactor; pollreactor.install()"
+    assert reactor_after(setup) == "PollReactor"
+
+
 @pytest.mark.parametrize(
     ("arguments", "environ", "complaint"),
     [
@@ -141,6 +167,7 @@ async def test_sigterm_delivers_the_final_batch_and_exits_cleanly() -> None:
     assert await daemon.ended == 0
     assert reactor.seconds() - started < 5
     log = daemon.output.decode()
+    assert "reactor class: fleettrack.reactor.TrackingReactor" in log
     assert "connection opened" in log
     assert "connection closed" in log
     assert "fleettrack stopped" in log
