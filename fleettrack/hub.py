@@ -9,12 +9,13 @@ translate between their wire and these calls.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -23,6 +24,11 @@ from fleettrack.registry import WILDCARD, SubscriptionRegistry, VehicleFilter
 from fleettrack.telemetry import TelemetryPoint
 
 T = TypeVar("T")
+
+#: Viewers handed their batch per reactor turn. A flush to many thousands of
+#: viewers goes out over several turns, so incoming telemetry is never held up
+#: for more than a few milliseconds.
+DELIVERIES_PER_TURN: Final = 100
 
 
 @attrs.define(eq=False)
@@ -83,6 +89,9 @@ class Hub:
         self.slow_viewers_dropped = 0
         #: Viewers that could not take their batches and hold newer points for later.
         self.holding: set[Viewer] = set()
+        #: Batches built but not yet handed to their viewer, oldest first.
+        self._outbox: deque[tuple[Viewer, Batch]] = deque()
+        self._sending: IDelayedCall | None = None
         self._batch_ids = itertools.count(1)
         self._all_gone: list[Deferred[None]] = []
         self.started_at = clock.seconds()
@@ -104,6 +113,9 @@ class Hub:
             if loop.running:
                 loop.stop()
         self.flush()
+        if self._sending is not None:
+            self._sending.cancel()
+        self._send(len(self._outbox))
 
     def uptime(self) -> float:
         return round(self.clock.seconds() - self.started_at, 3)
@@ -177,10 +189,9 @@ class Hub:
         batch_id = self._next_batch_id(now_ms)
         self.total_batches += 1
         self.total_points += len(changed)
-        delivered = 0
-        # Copies: a viewer may go away while its batch is being delivered.
         everything = list(changed.values())
-        for audience in list(self.registry.audiences()):
+        outbox = self._outbox
+        for audience in self.registry.audiences():
             if audience.wildcard:
                 may_watch = audience.may_watch
                 states = (
@@ -195,16 +206,25 @@ class Hub:
             if not states:
                 continue
             batch = _batch_of(states, [s.encoded for s in states], batch_id, now_ms)
-            members = list(audience.members)
-            for viewer in members:
-                viewer.deliver(batch)
-            delivered += len(members)
-        self.batches_delivered += delivered
+            outbox.extend((viewer, batch) for viewer in audience.members)
         self.log.debug(
-            "flushed {points} points in {deliveries} batches",
+            "flushed {points} points, {deliveries} batches to send",
             points=len(changed),
-            deliveries=delivered,
+            deliveries=len(outbox),
         )
+        self._send(DELIVERIES_PER_TURN)
+
+    def _send(self, count: int) -> None:
+        """Hand up to ``count`` queued batches to their viewers; the rest next turn."""
+        self._sending = None
+        outbox, viewers = self._outbox, self.viewers
+        for _ in range(min(count, len(outbox))):
+            viewer, batch = outbox.popleft()
+            if viewer in viewers:  # It may have gone since the flush.
+                viewer.deliver(batch)
+                self.batches_delivered += 1
+        if outbox:
+            self._sending = self.clock.callLater(0, self._send, DELIVERIES_PER_TURN)
 
     def expire(self) -> None:
         expired = self.buffer.expire(self.clock.seconds() - self.vehicle_ttl)
@@ -230,7 +250,7 @@ class Hub:
                 "totalPoints": self.total_points,
                 "totalVehicleUpdates": self.buffer.updates,
                 "batchesDelivered": self.batches_delivered,
-                "pendingBatches": len(self.holding),
+                "pendingBatches": len(self._outbox) + len(self.holding),
                 "bufferedVehicles": self.buffer.pending_count,
                 "staleDropped": self.buffer.stale_dropped,
             },

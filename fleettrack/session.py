@@ -54,6 +54,16 @@ class Policy:
 Handler = Callable[["Session", Any, float], dict[str, Any]]
 
 
+_JSON_TYPES: Final = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}
+
+
+def _unknown(event: object) -> str:
+    # Never repr() client data: it may be huge, or nested deep enough to overflow the stack.
+    if type(event) is str:
+        return f"unknown event {event[:64]!r}"
+    return f"event must be a string, not {_JSON_TYPES.get(type(event), 'a number')}"
+
+
 def _request_object(data: Any) -> dict[str, Any]:
     if type(data) is not dict:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "data must be a JSON object", "data")
@@ -116,7 +126,11 @@ class Session:
         self.hub.holding.add(self)
 
     def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
         self.closing = True
+        for name in list(self._timers):
+            self._stop_timer(name)
         self.connection.close(code, reason)
 
     # Flow control, from the transport.
@@ -163,7 +177,7 @@ class Session:
         handler = _HANDLERS.get(event) if type(event) is str else None
         try:
             if handler is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {event!r}", "event")
+                raise ProtocolError(ErrorCode.UNKNOWN_EVENT, _unknown(event), "event")
             if self.grant is None and handler is not Session._auth:
                 raise ProtocolError(
                     ErrorCode.UNAUTHORIZED, "authenticate first: send an auth event with a token"

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from twisted.internet.task import Clock
 
-from fleettrack.hub import Batch, Hub
+from fleettrack.hub import DELIVERIES_PER_TURN, Batch, Hub
 from fleettrack.registry import WILDCARD
 from tests.fakes import EPOCH_MS, EPOCH_S, FakeViewer, decode_batch, make_clock, make_point
 
@@ -562,3 +562,34 @@ def test_batch_framed_caches_one_frame_per_key() -> None:
     assert batch.framed("ws", frame) == b'framed:{"count":0}'
     assert batch.framed("other", frame) == b'framed:{"count":0}'
     assert calls == [batch, batch]
+
+
+def test_a_flush_to_many_viewers_goes_out_over_several_turns(hub: Hub, clock: Clock) -> None:
+    viewers = [viewer(hub, f"v{i}", "a") for i in range(DELIVERIES_PER_TURN * 2 + 50)]
+    send(hub, "a")
+    hub.flush()
+    assert sum(len(v.batches) for v in viewers) == DELIVERIES_PER_TURN
+    assert hub.stats()["batcher"]["pendingBatches"] == DELIVERIES_PER_TURN + 50
+    # The rest is scheduled for the next reactor turns (Clock runs them all in one advance).
+    clock.advance(0)
+    assert [len(v.batches) for v in viewers] == [1] * len(viewers)
+    assert hub.stats()["batcher"]["pendingBatches"] == 0
+
+
+def test_stop_hands_out_every_queued_batch_at_once(hub: Hub) -> None:
+    viewers = [viewer(hub, f"v{i}", "a") for i in range(DELIVERIES_PER_TURN + 1)]
+    send(hub, "a")
+    hub.start()
+    hub.stop()
+    assert [len(v.batches) for v in viewers] == [1] * len(viewers)
+
+
+def test_a_viewer_gone_before_its_turn_is_skipped(hub: Hub, clock: Clock) -> None:
+    viewers = [viewer(hub, f"v{i}", "a") for i in range(DELIVERIES_PER_TURN + 1)]
+    send(hub, "a")
+    hub.flush()
+    undelivered = next(v for v in viewers if not v.batches)
+    hub.disconnect(undelivered)
+    clock.advance(0)
+    assert not undelivered.batches
+    assert hub.batches_delivered == DELIVERIES_PER_TURN
