@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 from twisted.internet.task import Clock
 
@@ -57,7 +56,6 @@ def flush_ms(vehicles: int, viewers: int, subs: int | str, distinct_sets: int) -
 
 
 def main() -> None:
-    rows: list[dict[str, Any]] = []
     cases = [
         # vehicles, viewers, subscriptions each, distinct subscription sets
         *((v, 1000, "all", 1) for v in (100, 1000, 10000)),
@@ -68,7 +66,6 @@ def main() -> None:
     print(f"{'vehicles':>8} {'viewers':>8} {'subs':>6} {'sets':>5} {'flush ms':>9}")
     for vehicles, viewers, subs, sets in cases:
         ms = flush_ms(vehicles, viewers, subs, sets)
-        rows.append({"vehicles": vehicles, "viewers": viewers, "subs": subs, "sets": sets, "ms": ms})
         print(f"{vehicles:>8} {viewers:>8} {subs!s:>6} {sets:>5} {ms:>9.2f}")
 
 
