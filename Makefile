@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck pytest clean
+.PHONY: serve test lint typecheck pytest clean bench demo
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fleettrack needs Python 3.11+"'
@@ -27,6 +27,15 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The project's own benchmark (ingest, fanout, gateway, idle; about a minute).
+# e.g.  make bench BENCH_ARGS="--workload ingest --seconds 30"
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The daemon on port 3001 with 50 simulated vehicles and 2 viewers; Ctrl-C stops both.
+demo: $(STAMP)
+	$(BIN)/python -m benchmarks.demo
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -11,10 +11,9 @@ from types import FrameType
 from typing import Any, Final
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -178,8 +177,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         has_room=lambda: len(hub.viewers) < max_connections,
     )
     for description in options["listen"]:
-        endpoint = serverFromString(reactor, _with_backlog(description))
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        # strports: a port that cannot be bound stops startup instead of being logged.
+        strports.service(_with_backlog(description), site, reactor=reactor).setServiceParent(top)
     return top
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from functools import partial
 from typing import Any, Final, TextIO, cast
 from urllib.parse import urlsplit
@@ -30,14 +31,18 @@ import attrs
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, gatherResults
+from twisted.internet.defer import (
+    Deferred,
+    ensureDeferred,
+    gatherResults,
+)
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
@@ -67,6 +72,7 @@ SUBSCRIBE_PER_SECOND: Final = 50
 CONNECT_TIMEOUT: Final = 10.0
 SUBSCRIBE_TIMEOUT: Final = 30.0
 CLOSE_TIMEOUT: Final = 5.0
+WARNINGS_PER_KIND: Final = 3
 #: Vehicles send in evenly spread slots no shorter than this (gateways: longer).
 SLOT_SECONDS: Final = 0.01
 GATEWAY_SLOT_SECONDS: Final = 0.1
@@ -209,6 +215,8 @@ class Summary:
     window: Tally
     acks: dict[str, int]
     errors: dict[str, int]
+    #: CPU seconds this process spent during the window: near ``seconds``, it was saturated.
+    client_cpu: float = 0.0
 
     @property
     def delivered(self) -> int:
@@ -253,6 +261,9 @@ class Summary:
             "latencyMs": window.latency_ms(),
             "acks": self.acks,
             "errors": {"total": self.error_count, **self.errors},
+            "clientCpuPercent": None
+            if math.isnan(elapsed)
+            else round(100 * self.client_cpu / elapsed, 1),
         }
 
 
@@ -326,6 +337,11 @@ class SimFactory(WebSocketClientFactory):
         )
 
 
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def _ignore(message: dict[str, Any]) -> None:
     """Handler for connections that expect nothing."""
 
@@ -386,6 +402,7 @@ class _Viewer:
     expected: frozenset[str] | None
     ready: Deferred[None] = attrs.field(factory=Deferred)
     link: SimConnection | None = None
+    answered: int = 0
     confirmed: int = 0
 
 
@@ -421,13 +438,16 @@ class Simulation:
         self.window = Tally()
         self.measuring = False
         self.errors: Counter[str] = Counter()
+        self._warned: Counter[str] = Counter()
         self.ack_counts: Counter[str] = Counter()
         self._phase = "starting"
         self._started = 0.0
         self._window_started = 0.0
+        self._window_cpu = 0.0
         self._interval_started = 0.0
         self._window_seconds = 0.0
         self._stopping = False
+        self._done = False
         self._stop_callbacks: list[Callable[[], None]] = []
         self._finished: list[Deferred[None]] = []
         self._shown: dict[str, dict[str, Any]] = {}
@@ -449,11 +469,17 @@ class Simulation:
         callbacks, self._stop_callbacks = self._stop_callbacks, []
         for callback in callbacks:
             callback()
+        for viewer in self._viewers:
+            if not viewer.ready.called:
+                viewer.ready.callback(None)
 
     def finish(self) -> Deferred[None]:
         """:meth:`stop`, and a Deferred that fires when the run has finished."""
         finished: Deferred[None] = Deferred()
-        self._finished.append(finished)
+        if self._done:
+            finished.callback(None)
+        else:
+            self._finished.append(finished)
         self.stop()
         return finished
 
@@ -463,9 +489,20 @@ class Simulation:
     def connection_lost(self, link: SimConnection, code: int | None, reason: str | None) -> None:
         """A connection the server (or the network) closed while the run needed it."""
         self.errors["closedByServer"] += 1
-        self.log.warn(
-            "connection closed unexpectedly (code {code}: {reason})", code=code, reason=reason
+        self._warn(
+            "closedByServer",
+            "connection closed unexpectedly (code {code}: {reason})",
+            code=code,
+            reason=reason,
         )
+
+    def _warn(self, kind: str, format: str, **fields: object) -> None:
+        """Log the first few warnings of a kind; the rest only count (see the summary)."""
+        self._warned[kind] += 1
+        if self._warned[kind] <= WARNINGS_PER_KIND:
+            self.log.warn(format, **fields)
+        if self._warned[kind] == WARNINGS_PER_KIND:
+            self.log.warn("further {kind} warnings are only counted", kind=kind)
 
     # The run
 
@@ -477,6 +514,7 @@ class Simulation:
         status.start(1.0, now=False)
         try:
             if config.wait:
+                self._phase = "waiting"
                 await self._await_server(config.wait)
             await self._connect_everything()
             if not self._links:
@@ -494,6 +532,7 @@ class Simulation:
             await self._close_everything()
             if status.running:
                 status.stop()
+            self._done = True
             finished, self._finished = self._finished, []
             for waiter in finished:
                 waiter.callback(None)
@@ -512,6 +551,7 @@ class Simulation:
             window=self.window,
             acks=dict(self.ack_counts),
             errors=dict(self.errors),
+            client_cpu=self._window_cpu,
         )
 
     def _sleep(self, seconds: float) -> Deferred[None]:
@@ -551,7 +591,10 @@ class Simulation:
 
     async def _open(self, handler: Callable[[dict[str, Any]], None]) -> SimConnection | None:
         """One new connection, open and authenticated; None (counted) if that failed."""
+        if self._stopping:
+            return None
         endpoint = _endpoint(self._reactor, self.config.url)
+        link: SimConnection | None = None
         try:
             link = cast(SimConnection, await endpoint.connect(self._factory))
             link.opened.addTimeout(CONNECT_TIMEOUT * 2, self._clock)
@@ -559,8 +602,12 @@ class Simulation:
             if self.config.token is not None:
                 await self._authenticate(link)
         except Exception as error:
+            if link is not None:
+                link.close()
             self.errors["connect"] += 1
-            self.log.warn("could not connect to {url}: {error}", url=self.config.url, error=error)
+            self._warn(
+                "connect", "could not connect to {url}: {error}", url=self.config.url, error=error
+            )
             return None
         link.handler = handler
         self._links.append(link)
@@ -579,7 +626,6 @@ class Simulation:
         reply = await answered
         if reply.get("success") is not True:
             self.errors["auth"] += 1
-            link.close()
             raise ConnectionError(f"authentication refused: {reply.get('error')}")
 
     async def _connect_everything(self) -> None:
@@ -599,24 +645,24 @@ class Simulation:
             expected = None if config.subs in ("*", "all") else frozenset(targets)
             self._viewers.append(_Viewer(index, targets, expected))
 
-        semaphore = DeferredSemaphore(config.concurrency)
-        opening: list[Deferred[Any]] = []
+        tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        tasks += [partial(self._open_viewer, viewer) for viewer in self._viewers]
+        if config.gateways:
+            tasks += [self._open_gateway] * config.gateways
+        else:
+            tasks += [partial(self._open_vehicle, vehicle) for vehicle in self._vehicles]
+        tasks += [self._open_idle] * config.idle
+        pending = iter(tasks)
 
-        def start(task: Callable[[], Any]) -> None:
-            opening.append(semaphore.run(lambda: ensureDeferred(task())))
+        async def worker() -> None:
+            # A few workers share the queue: at most ``concurrency`` attempts in flight.
+            for task in pending:
+                if self._stopping:
+                    return
+                await task()
 
         self._phase = "connecting"
-        for viewer in self._viewers:
-            start(partial(self._open_viewer, viewer))
-        if config.gateways:
-            for _ in range(config.gateways):
-                start(self._open_gateway)
-        else:
-            for vehicle in self._vehicles:
-                start(partial(self._open_vehicle, vehicle))
-        for _ in range(config.idle):
-            start(self._open_idle)
-        await gatherResults(opening)
+        await gatherResults([ensureDeferred(worker()) for _ in range(config.concurrency)])
 
         self._phase = "subscribing"
         subscribed = [
@@ -650,16 +696,18 @@ class Simulation:
         for sent, target in enumerate(viewer.targets):
             if sent >= SUBSCRIBE_BURST and (sent - SUBSCRIBE_BURST) % SUBSCRIBE_PER_SECOND == 0:
                 await self._sleep(1.0)
-            link.send(orjson.dumps({"event": "subscribe:vehicle", "data": {"vehicleId": target}}))
+            subscribe = {"event": "subscribe:vehicle", "data": {"vehicleId": target}, "ack": sent}
+            link.send(orjson.dumps(subscribe))
         viewer.ready.addTimeout(SUBSCRIBE_TIMEOUT, self._clock)
         try:
             await viewer.ready
         except DeferredTimeout:
             self.errors["subscribeTimeout"] += 1
-            self.log.warn(
-                "viewer {index}: {confirmed} of {count} subscriptions confirmed",
+            self._warn(
+                "subscribeTimeout",
+                "viewer {index}: {answered} of {count} subscriptions answered",
                 index=viewer.index,
-                confirmed=viewer.confirmed,
+                answered=viewer.answered,
                 count=len(viewer.targets),
             )
 
@@ -765,9 +813,17 @@ class Simulation:
         event = message.get("event")
         if event == "vehicle:telemetry:batch":
             self._on_batch(viewer, message.get("data"))
-        elif event == "subscription:confirmed":
-            viewer.confirmed += 1
-            if viewer.confirmed >= len(viewer.targets) and not viewer.ready.called:
+        elif event == "ack":
+            # Subscriptions are the only messages viewers send, each with an ack.
+            data = message.get("data")
+            if type(data) is dict and data.get("success") is True:
+                viewer.confirmed += 1
+            else:
+                error = data.get("error") if type(data) is dict else None
+                code = error.get("code") if type(error) is dict else None
+                self.errors[f"subscribe:{code}"] += 1
+            viewer.answered += 1
+            if viewer.answered >= len(viewer.targets) and not viewer.ready.called:
                 viewer.ready.callback(None)
         elif event == "error":
             data = message.get("data")
@@ -812,6 +868,7 @@ class Simulation:
         self.window = Tally()
         self.measuring = True
         self._window_started = self._clock.seconds()
+        self._window_cpu = -_cpu_seconds()
         self._phase = "measuring"
         seconds = f"{self.config.seconds:g} s" if self.config.seconds else "until stopped"
         self._say(f"{MARK_START} ({seconds})")
@@ -819,6 +876,7 @@ class Simulation:
     def _end_window(self) -> None:
         self.measuring = False
         self._window_seconds = self._clock.seconds() - self._window_started
+        self._window_cpu += _cpu_seconds()
         self._say(f"{MARK_END} ({self._window_seconds:.1f} s)")
 
     async def _close_everything(self) -> None:
@@ -1013,7 +1071,11 @@ async def _main(reactor: Any, config: SimConfig, quiet: bool) -> None:
     simulation = Simulation(config, reactor, status)
     # Ctrl-C ends the run cleanly: the window closes, connections close, the summary prints.
     reactor.addSystemEventTrigger("before", "shutdown", simulation.finish)
-    summary = await simulation.run()
+    try:
+        summary = await simulation.run()
+    except SimulationError as error:
+        sys.stderr.write(f"fleettrack-sim: {error}\n")
+        raise SystemExit(1) from None
     sys.stdout.write(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
 

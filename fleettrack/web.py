@@ -7,6 +7,7 @@ from typing import Any, Final
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web import http
 from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
@@ -150,6 +151,16 @@ def build_site(
     root.putChild(b"ws", WebSocketGate(websocket, allowed_origins, has_room, cors))
     for name, body in documents.items():
         root.putChild(name, _gzipped(JSONResource(body, cors)))
-    site = Site(root)
+    site = QuietSite(root)
     site.displayTracebacks = False
     return site
+
+
+class QuietSite(Site):
+    """No access log: a monitor polling /health or /stats would fill the log at info level.
+
+    WebSocket connections are logged when they open and close (see websocket.py).
+    """
+
+    def log(self, request: http.Request) -> None:
+        pass

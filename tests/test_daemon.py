@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -99,6 +100,29 @@ def test_invalid_configuration_exits_non_zero_before_binding() -> None:
     )
     assert result.returncode != 0
     assert "--batch-interval must be a number, not 'x'" in result.stdout + result.stderr
+
+
+def test_a_port_in_use_stops_startup() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "fleettrack",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert "Address already in use" in result.stdout + result.stderr
 
 
 def test_environment_fills_in_what_the_command_line_does_not_say() -> None:

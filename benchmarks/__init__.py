@@ -1,0 +1,1 @@
+"""fleettrack's own benchmark (``make bench``) and demo (``make demo``)."""
