@@ -8,7 +8,8 @@ import attrs
 import pytest_twisted
 from twisted.application.service import MultiService
 
-from fleettrack.service import Options, makeService
+from fleettrack.hub import Hub
+from fleettrack.service import Options, TrackingService, makeService
 from tests.wsclient import WSClient
 
 
@@ -45,6 +46,13 @@ class RunningServer:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def hub(self) -> Hub:
+        for service in self.service:
+            if isinstance(service, TrackingService):
+                return service.hub
+        raise AssertionError("no TrackingService in the service tree")
 
     def http_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

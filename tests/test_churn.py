@@ -30,7 +30,6 @@ from fleettrack.auth import TokenVerifier, mint_token
 from fleettrack.hub import Hub
 from fleettrack.limits import Limits
 from fleettrack.registry import WILDCARD
-from fleettrack.service import TrackingService
 from fleettrack.session import Policy, Session
 from fleettrack.websocket import TrackingServerFactory
 from fleettrack.wire import Message
@@ -162,18 +161,11 @@ def test_two_thousand_sessions_leave_nothing_behind() -> None:
 # The real service: 600 connections, 40 at a time, while a vehicle publishes.
 
 
-def hub_of(server: RunningServer) -> Hub:
-    for service in server.service:
-        if isinstance(service, TrackingService):
-            return service.hub
-    raise AssertionError("no TrackingService")
-
-
 class Tracker:
     """Watches the server build and lose its objects, through its own seams."""
 
     def __init__(self, server: RunningServer) -> None:
-        self.hub = hub_of(server)
+        self.hub = server.hub
         site = next(s for s in server.service if isinstance(s, StreamServerEndpointService)).factory
         factory: TrackingServerFactory = site.resource.children[b"ws"]._websocket._factory
         self.refs: list[weakref.ref[Any]] = []

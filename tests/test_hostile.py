@@ -44,7 +44,6 @@ from fleettrack.auth import TokenVerifier, mint_token
 from fleettrack.errors import CloseCode, ErrorCode, ProtocolError
 from fleettrack.hub import Hub
 from fleettrack.registry import WILDCARD
-from fleettrack.service import TrackingService
 from fleettrack.session import Policy, Session
 from fleettrack.telemetry import parse_point
 from fleettrack.wire import Message, decode_message
@@ -844,19 +843,12 @@ def error_log() -> Iterator[ErrorLog]:
     globalLogPublisher.removeObserver(log)
 
 
-def hub_of(server: RunningServer) -> Hub:
-    for service in server.service:
-        if isinstance(service, TrackingService):
-            return service.hub
-    raise AssertionError("no TrackingService")
-
-
 class LiveServer:
     """The service, with an event for "every connection has gone"."""
 
     def __init__(self, running: RunningServer) -> None:
         self.running = running
-        self.hub = hub_of(running)
+        self.hub = running.hub
         self._all_gone: list[Deferred[None]] = []
         disconnect = self.hub.disconnect
 

@@ -27,7 +27,6 @@ from twisted.web.http_headers import Headers
 from fleettrack.auth import mint_token
 from fleettrack.cli import main as cli
 from fleettrack.hub import Hub
-from fleettrack.service import TrackingService
 from tests.conftest import RunningServer, now_ms, point, start_server
 from tests.wsclient import WSClient
 
@@ -75,13 +74,6 @@ async def signed_in(running: RunningServer, jwt: str) -> WSClient:
     ack = await client.request("auth", {"token": jwt})
     assert ack["success"] is True, ack
     return client
-
-
-def hub_of(running: RunningServer) -> Hub:
-    for service in running.service:
-        if isinstance(service, TrackingService):
-            return service.hub
-    raise AssertionError("no TrackingService in the tree")
 
 
 def next_disconnect(hub: Hub) -> Deferred[None]:
@@ -147,7 +139,7 @@ async def test_missing_token_events_are_unauthorized_then_closed_4001(secret_fil
         assert error["code"] == "UNAUTHORIZED"
         assert await stranger.closed() == 4001
         # Nothing it sent was taken.
-        assert hub_of(running).telemetry_received == 0
+        assert running.hub.telemetry_received == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -376,7 +368,7 @@ async def test_foreign_origin_is_refused_403_before_any_websocket_state() -> Non
         # A near miss is foreign too: the match is exact, port included.
         with pytest.raises(ConnectionError):
             await WSClient.connect(running.ws_url, headers={"Origin": ALLOWED + ":8443"})
-        assert hub_of(running).viewers == set()
+        assert running.hub.viewers == set()
         browser = await WSClient.connect(running.ws_url, headers={"Origin": ALLOWED})
         tool = await running.client()  # no Origin: not a browser, not refused
         stats = await browser.request("request:stats")
@@ -401,9 +393,9 @@ async def test_max_connections_refuses_the_one_over_with_503() -> None:
         assert code == 503
         assert headers.getRawHeaders(b"retry-after") == [b"5"]
         assert orjson.loads(body)["error"]["code"] == "SERVER_FULL"
-        assert len(hub_of(running).viewers) == 2
+        assert len(running.hub.viewers) == 2
 
-        gone = next_disconnect(hub_of(running))
+        gone = next_disconnect(running.hub)
         connected[0].disconnect()
         await gone
         again = await running.client()
@@ -520,7 +512,7 @@ async def test_a_viewer_that_never_reads_is_held_then_dropped_while_others_keep_
         "--rate-burst",
         "1000",
     ) as running:
-        hub = hub_of(running)
+        hub = running.hub
         slow = await running.client()
         good = await running.client()
         publisher = await running.client()

@@ -29,7 +29,6 @@ from twisted.web.client import Agent, readBody
 from wsaccel.xormask import XorMaskerSimple
 
 from fleettrack.hub import Batch, Hub
-from fleettrack.service import TrackingService
 from fleettrack.session import Session
 from fleettrack.websocket import TrackingServerProtocol
 from tests.conftest import RunningServer, now_ms, point, start_server
@@ -185,13 +184,6 @@ def is_ack(number: int) -> Callable[[Message], bool]:
 # The server's side of the slow viewer, watched through its own seams.
 
 
-def hub_of(server: RunningServer) -> Hub:
-    for service in server.service:
-        if isinstance(service, TrackingService):
-            return service.hub
-    raise AssertionError("no TrackingService")
-
-
 def buffered(transport: Any) -> int:
     """Bytes Twisted holds for a TCP connection, not yet taken by the kernel."""
     size: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
@@ -226,7 +218,7 @@ class Watch:
 
     @classmethod
     def of(cls, server: RunningServer, viewer: RawViewer) -> Watch:
-        hub = hub_of(server)
+        hub = server.hub
         (protocol,) = [
             s.connection
             for s in hub.viewers
@@ -425,7 +417,7 @@ async def set_scene(*options: str) -> Scene:
     await slow.next(is_ack(1))
     watch = Watch.of(server, slow)
     publisher = Publisher(await server.client())
-    return Scene(server, hub_of(server), publisher, normal, slow, watch)
+    return Scene(server, server.hub, publisher, normal, slow, watch)
 
 
 @pytest_twisted.async_yield_fixture
