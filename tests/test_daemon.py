@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python import usage
 
-from fleettrack.service import Options
+from fleettrack.service import Options, _with_backlog
 from tests.conftest import free_port, point, start_server
 from tests.wsclient import TIMEOUT, WSClient
 
@@ -271,3 +271,18 @@ def test_wheel_ships_the_plugin_and_no_twisted_package(tmp_path: Path) -> None:
     assert "fleettrack/hub.py" in names
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]
     assert not [n for n in names if n.startswith("tests/")]
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("tcp:3001", "tcp:3001:backlog=4096"),
+        ("tcp:3001:interface=127.0.0.1", "tcp:3001:interface=127.0.0.1:backlog=4096"),
+        ("tcp:3001:backlog=10", "tcp:3001:backlog=10"),
+        ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=4096"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listening_sockets_get_a_deep_backlog(description: str, expected: str) -> None:
+    # Twisted's default of 50 refuses a storm of clients reconnecting after a restart.
+    assert _with_backlog(description) == expected
