@@ -23,9 +23,10 @@ _BINARY_REFUSED = ProtocolError(
 _OPEN = WebSocketProtocol.STATE_OPEN
 #: First header byte of a complete, unfragmented, uncompressed text frame (FIN + opcode 1).
 _FIN_TEXT = 0x81
-#: Kernel send buffer per connection. Small enough that a viewer which stops
-#: reading fills it (and Twisted's own 64 KiB buffer, which pauses us) within
-#: a few batches, large enough for a batch of a few thousand points.
+#: Kernel send buffer per connection (Linux doubles it). Autotuning lets a
+#: viewer that stops reading absorb megabytes before Twisted's own 64 KiB
+#: buffer fills and pauses us; this bounds that to about half a MiB, a few
+#: large batches, while still holding a whole batch of a few thousand points.
 SEND_BUFFER_BYTES: Final = 256 * 1024
 
 
