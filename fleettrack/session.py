@@ -108,10 +108,7 @@ class Session:
 
     def closed(self) -> None:
         """The connection is gone: forget everything about it."""
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self._stop_timers()
         self.hub.disconnect(self)
 
     # The hub's side: a Session is the hub's Viewer.
@@ -129,8 +126,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
-        for name in list(self._timers):
-            self._stop_timer(name)
+        self._stop_timers()
         self.connection.close(code, reason)
 
     # Flow control, from the transport.
@@ -361,6 +357,10 @@ class Session:
         timer = self._timers.pop(name, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _stop_timers(self) -> None:
+        for name in list(self._timers):
+            self._stop_timer(name)
 
 
 _HANDLERS: Final[dict[str, Handler]] = {
