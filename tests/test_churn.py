@@ -32,7 +32,6 @@ from fleettrack.limits import Limits
 from fleettrack.registry import WILDCARD
 from fleettrack.session import Policy, Session
 from fleettrack.websocket import TrackingServerFactory
-from fleettrack.wire import Message
 from tests.conftest import RunningServer, now_ms, point, start_server
 from tests.fakes import EPOCH_MS, EPOCH_S, FakeConnection, make_clock
 from tests.wsclient import WSClient
@@ -111,9 +110,9 @@ def churn_sessions(hub: Hub, clock: Clock, cycles: int) -> list[weakref.ref[Any]
         refs += [weakref.ref(session), weakref.ref(connection)]
         open_sessions.append(session)
         if cycle % 2 and cycle % 7:  # the rest stay unauthenticated until they time out
-            session.handle(Message("auth", {"token": rng.choice(TOKENS)}, 1))
+            session.handle(("auth", {"token": rng.choice(TOKENS)}, 1))
         for vehicle_id in rng.sample([*VEHICLES, WILDCARD], rng.randint(0, 4)):
-            session.handle(Message("subscribe:vehicle", {"vehicleId": vehicle_id}, 2))
+            session.handle(("subscribe:vehicle", {"vehicleId": vehicle_id}, 2))
         if rng.random() < 0.3:
             raw = {
                 "vehicleId": rng.choice(VEHICLES),
@@ -121,11 +120,11 @@ def churn_sessions(hub: Hub, clock: Clock, cycles: int) -> list[weakref.ref[Any]
                 "latitude": 1.0,
                 "longitude": 2.0,
             }
-            session.handle(Message("vehicle:telemetry", raw, None))
+            session.handle(("vehicle:telemetry", raw, None))
         if rng.random() < 0.1:
             session.pause()  # its socket is full; some stay so past the slow-viewer timeout
         if rng.random() < 0.05:
-            session.handle(Message("unsubscribe:vehicle", {"vehicleId": WILDCARD}, 3))
+            session.handle(("unsubscribe:vehicle", {"vehicleId": WILDCARD}, 3))
         # Up to 40 connections at a time; the oldest or a random one goes.
         while len(open_sessions) > 40:
             close(open_sessions[0] if rng.random() < 0.5 else rng.choice(open_sessions))

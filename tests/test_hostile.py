@@ -175,11 +175,9 @@ DATA_OF: Final = {
     "request:stats": STATS_DATA,
 }
 HOSTILE_MESSAGES: Final = st.one_of(
-    *(st.builds(Message, st.just(event), data, ACKS) for event, data in DATA_OF.items()),
+    *(st.tuples(st.just(event), data, ACKS) for event, data in DATA_OF.items()),
     # Unknown events, and events that are not strings at all.
-    st.builds(
-        Message, JSON_VALUES | st.sampled_from(["", "AUTH", "ack", "error"]), JSON_VALUES, ACKS
-    ),
+    st.tuples(JSON_VALUES | st.sampled_from(["", "AUTH", "ack", "error"]), JSON_VALUES, ACKS),
 )
 VALID_POINTS: Final = st.builds(
     lambda vehicle_id, age, latitude, longitude, attributes: {
@@ -197,22 +195,18 @@ VALID_POINTS: Final = st.builds(
 )
 #: Well-formed requests, so that conversations get somewhere: subscriptions, snapshots, batches.
 VALID_MESSAGES: Final = st.one_of(
-    st.builds(
-        Message,
+    st.tuples(
         st.sampled_from(["subscribe:vehicle", "unsubscribe:vehicle"]),
         st.builds(lambda vehicle_id: {"vehicleId": vehicle_id}, st.sampled_from([*VEHICLES, "*"])),
         ACKS,
     ),
-    st.builds(Message, st.just("vehicle:telemetry"), VALID_POINTS | st.lists(VALID_POINTS), ACKS),
-    st.builds(
-        Message,
+    st.tuples(st.just("vehicle:telemetry"), VALID_POINTS | st.lists(VALID_POINTS), ACKS),
+    st.tuples(
         st.just("request:stats"),
         st.none() | st.builds(lambda details: {"includeVehicleDetails": details}, st.booleans()),
         ACKS,
     ),
-    st.builds(
-        Message, st.just("auth"), st.builds(lambda t: {"token": t}, st.sampled_from(TOKENS)), ACKS
-    ),
+    st.tuples(st.just("auth"), st.builds(lambda t: {"token": t}, st.sampled_from(TOKENS)), ACKS),
 )
 MESSAGES: Final = VALID_MESSAGES | HOSTILE_MESSAGES
 
@@ -429,7 +423,7 @@ class World:
         return self.send(session, message)
 
     def authenticate(self, session: Session, token: str) -> None:
-        frames = self.send(session, Message("auth", {"token": token}, 0))
+        frames = self.send(session, ("auth", {"token": token}, 0))
         assert frames[-1]["data"]["success"] is True
 
     def assert_baseline(self) -> None:
@@ -482,7 +476,7 @@ def test_any_json_value_as_any_events_data(
     setup: str, event: str, data: Any, ack: int | None
 ) -> None:
     world, session, _ = world_for(setup)
-    world.send(session, Message(event, data, ack))
+    world.send(session, (event, data, ack))
     session.closed()
     world.assert_baseline()
 
@@ -687,7 +681,7 @@ class Conversations(RuleBasedStateMachine):
     @rule(session=sessions, token=st.sampled_from(TOKENS[:3]))
     def authenticate(self, session: Session, token: str) -> None:
         if session in self.told:
-            self.world.send(session, Message("auth", {"token": token}, 7))
+            self.world.send(session, ("auth", {"token": token}, 7))
             self._settle()
 
     @rule(session=sessions, message=MESSAGES)
@@ -703,7 +697,7 @@ class Conversations(RuleBasedStateMachine):
     )
     def subscription(self, session: Session, vehicle_id: str, event: str) -> None:
         if session in self.told:
-            self.world.send(session, Message(event, {"vehicleId": vehicle_id}, 3))
+            self.world.send(session, (event, {"vehicleId": vehicle_id}, 3))
             self._settle()
 
     @rule(
@@ -718,7 +712,7 @@ class Conversations(RuleBasedStateMachine):
                 {"vehicleId": v, "timestamp": now, "latitude": 1.5, "longitude": 2.5}
                 for v in vehicles
             ]
-            self.world.send(session, Message("vehicle:telemetry", points, 9))
+            self.world.send(session, ("vehicle:telemetry", points, 9))
             self._settle()
             if flush:
                 self.world.clock.advance(self.world.hub.batch_interval)
@@ -928,11 +922,11 @@ def expected_answers(payload: bytes, binary: bool) -> tuple[int, int, int | None
     if binary:
         return 1, 1, None
     try:
-        message = decode_message(payload)
+        _, _, ack = decode_message(payload)
     except ProtocolError:
         return 1, 1, None
-    if message.ack is not None:
-        return 0, 0, message.ack
+    if ack is not None:
+        return 0, 0, ack
     return 0, 1, None
 
 

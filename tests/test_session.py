@@ -12,7 +12,7 @@ from fleettrack.errors import ErrorCode, ProtocolError
 from fleettrack.hub import Batch, Hub
 from fleettrack.registry import WILDCARD
 from fleettrack.session import MAX_POINTS_PER_MESSAGE, Session
-from fleettrack.wire import Message, decode_message, encode_ack, encode_batch, encode_event
+from fleettrack.wire import decode_message, encode_ack, encode_batch, encode_event
 from tests.fakes import EPOCH_MS, FakeConnection, make_clock, raw_point
 
 
@@ -46,7 +46,7 @@ def conn(session: Session) -> FakeConnection:
 
 
 def send(session: Session, event: object, data: Any = None, ack: int | None = None) -> None:
-    session.handle(Message(event, data, ack))
+    session.handle((event, data, ack))
 
 
 def send_frame(session: Session, frame: dict[str, Any]) -> None:
@@ -674,9 +674,9 @@ def test_decode_rejects_unusable_acks(ack: Any) -> None:
 
 def test_decode_message() -> None:
     message = decode_message(b'{"event":"subscribe:vehicle","data":{"vehicleId":"a"},"ack":0}')
-    assert message == Message("subscribe:vehicle", {"vehicleId": "a"}, 0)
-    assert decode_message(b'{"event":"x","ack":null}') == Message("x", None, None)
-    assert decode_message(b"{}") == Message(None, None, None)
+    assert message == ("subscribe:vehicle", {"vehicleId": "a"}, 0)
+    assert decode_message(b'{"event":"x","ack":null}') == ("x", None, None)
+    assert decode_message(b"{}") == (None, None, None)
 
 
 def test_encoders() -> None:

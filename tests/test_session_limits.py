@@ -17,7 +17,6 @@ from fleettrack.hub import Hub
 from fleettrack.limits import Limits
 from fleettrack.registry import WILDCARD
 from fleettrack.session import Policy, Session
-from fleettrack.wire import Message
 from tests.fakes import EPOCH_MS, EPOCH_S, FakeConnection, make_clock, raw_point
 
 SECRET = b"fleettrack-unit-test-secret-0123456789"
@@ -60,7 +59,7 @@ def start(
 
 
 def send(session: Session, event: object, data: Any = None, ack: int | None = None) -> None:
-    session.handle(Message(event, data, ack))
+    session.handle((event, data, ack))
 
 
 def last_ack(connection: FakeConnection, ack: int) -> dict[str, Any]:

@@ -267,7 +267,7 @@ class Watch:
 
         def handled(message: Any) -> None:
             handle(message)
-            waiter = self._handled_waiters.pop(message.ack, None)
+            waiter = self._handled_waiters.pop(message[2], None)  # (event, data, ack)
             if waiter is not None:
                 waiter.callback(None)
 
