@@ -29,8 +29,21 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
+def twistd(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run twistd to completion; its output is stdout and stderr together."""
+    return subprocess.run(
+        [TWISTD, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_twistd_lists_the_plugin() -> None:
-    listing = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, check=True)
+    listing = twistd("--help")
+    assert listing.returncode == 0
     assert "fleettrack" in listing.stdout
 
 
@@ -82,24 +95,11 @@ def test_invalid_configuration_stops_startup(
 
 def test_invalid_configuration_exits_non_zero_before_binding() -> None:
     port = free_port()
-    result = subprocess.run(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "fleettrack",
-            "--listen",
-            f"tcp:{port}",
-            "--batch-interval",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = twistd(
+        "-n", "--pidfile=", "fleettrack", "--listen", f"tcp:{port}", "--batch-interval", "x"
     )
     assert result.returncode != 0
-    assert "--batch-interval must be a number, not 'x'" in result.stdout + result.stderr
+    assert "--batch-interval must be a number, not 'x'" in result.stdout
 
 
 def test_a_port_in_use_stops_startup() -> None:
@@ -107,22 +107,11 @@ def test_a_port_in_use_stops_startup() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "fleettrack",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        result = twistd(
+            "-n", "--pidfile=", "fleettrack", "--listen", f"tcp:{port}:interface=127.0.0.1"
         )
     assert result.returncode != 0
-    assert "Address already in use" in result.stdout + result.stderr
+    assert "Address already in use" in result.stdout
 
 
 def test_environment_fills_in_what_the_command_line_does_not_say() -> None:
