@@ -5,12 +5,27 @@ import time
 from collections.abc import AsyncIterator
 
 import attrs
+import pytest
 import pytest_twisted
 from twisted.application.service import MultiService
+from twisted.internet.task import Clock
 
 from fleettrack.hub import Hub
 from fleettrack.service import Options, TrackingService, makeService
+from tests.fakes import make_clock
 from tests.wsclient import WSClient
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A task.Clock at a real epoch time (timestamps near 0 would be refused)."""
+    return make_clock()
+
+
+@pytest.fixture
+def hub(clock: Clock) -> Hub:
+    """A core hub on that clock: 1 s batches, 24 h vehicle TTL."""
+    return Hub(clock, 1.0, 86400.0)
 
 
 def free_port() -> int:

@@ -11,17 +11,7 @@ from twisted.internet.task import Clock
 
 from fleettrack.hub import DELIVERIES_PER_TURN, Batch, Hub
 from fleettrack.registry import WILDCARD
-from tests.fakes import EPOCH_MS, EPOCH_S, FakeViewer, decode_batch, make_clock, make_point
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return make_clock()
-
-
-@pytest.fixture
-def hub(clock: Clock) -> Hub:
-    return Hub(clock, 1.0, 86400.0)
+from tests.fakes import EPOCH_MS, EPOCH_S, FakeViewer, decode_batch, make_point
 
 
 def viewer(hub: Hub, name: str, *vehicles: str) -> FakeViewer:

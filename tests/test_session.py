@@ -13,17 +13,7 @@ from fleettrack.hub import Batch, Hub
 from fleettrack.registry import WILDCARD
 from fleettrack.session import MAX_POINTS_PER_MESSAGE, Session
 from fleettrack.wire import decode_message, encode_ack, encode_batch, encode_event
-from tests.fakes import EPOCH_MS, FakeConnection, make_clock, raw_point
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return make_clock()
-
-
-@pytest.fixture
-def hub(clock: Clock) -> Hub:
-    return Hub(clock, 1.0, 86400.0)
+from tests.fakes import EPOCH_MS, FakeConnection, raw_point
 
 
 def open_session(hub: Hub) -> tuple[Session, FakeConnection]:

@@ -17,21 +17,11 @@ from fleettrack.hub import Hub
 from fleettrack.limits import Limits
 from fleettrack.registry import WILDCARD
 from fleettrack.session import Policy, Session
-from tests.fakes import EPOCH_MS, EPOCH_S, FakeConnection, make_clock, raw_point
+from tests.fakes import EPOCH_MS, EPOCH_S, FakeConnection, raw_point
 
 SECRET = b"fleettrack-unit-test-secret-0123456789"
 OTHER_SECRET = b"somebody-else-entirely-0123456789abcdef"
 VERIFIER = TokenVerifier.from_secret(SECRET)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return make_clock()
-
-
-@pytest.fixture
-def hub(clock: Clock) -> Hub:
-    return Hub(clock, 1.0, 86400.0)
 
 
 def token(
