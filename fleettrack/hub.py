@@ -137,12 +137,17 @@ class Hub:
             for gone in waiting:
                 gone.callback(None)
 
-    def close_all(self, code: int, reason: str) -> Deferred[None]:
-        """Ask every viewer to close; fires once all of them have disconnected."""
+    def when_empty(self) -> Deferred[None]:
+        """Fires once no viewer is connected (at once if none is)."""
         if not self.viewers:
             return succeed(None)
         gone: Deferred[None] = Deferred()
         self._all_gone.append(gone)
+        return gone
+
+    def close_all(self, code: int, reason: str) -> Deferred[None]:
+        """Ask every viewer to close; fires once all of them have disconnected."""
+        gone = self.when_empty()
         for viewer in list(self.viewers):
             viewer.close(code, reason)
         return gone

@@ -19,10 +19,10 @@ import pytest
 import pytest_twisted
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.logger import globalLogBeginner, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -172,11 +172,10 @@ class Tracker:
         self.channels = 0
         self.protocols = 0
         self.sessions = 0
-        self._all_gone: list[Deferred[None]] = []
 
         build_channel = site.buildProtocol
         build_protocol = factory.buildProtocol
-        connect, disconnect = self.hub.connect, self.hub.disconnect
+        connect = self.hub.connect
 
         def channel_built(address: Any) -> Any:
             channel = build_channel(address)
@@ -203,18 +202,9 @@ class Tracker:
             self.sessions += 1
             self.refs.append(weakref.ref(viewer))
 
-        def disconnected(viewer: Any) -> None:
-            disconnect(viewer)
-            if not self.hub.viewers:
-                waiting, self._all_gone = self._all_gone, []
-                for gone in waiting:
-                    # Once the stack that holds the last viewer has unwound.
-                    reactor.callLater(0, gone.callback, None)
-
         site.buildProtocol = channel_built
         factory.buildProtocol = protocol_built
         self.hub.connect = connected
-        self.hub.disconnect = disconnected
 
     def channel_lost(self, port: int) -> Deferred[None]:
         """Fires when the server has lost the HTTP connection from this client port."""
@@ -224,11 +214,9 @@ class Tracker:
         return self._channels_lost[port]
 
     def all_gone(self) -> Deferred[None]:
-        """Fires once the hub has no viewer left."""
-        if not self.hub.viewers:
-            return succeed(None)
-        gone: Deferred[None] = Deferred()
-        self._all_gone.append(gone)
+        """Fires once the hub has no viewer left and the stack that removed it has unwound."""
+        gone = self.hub.when_empty()
+        gone.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
         return gone.addTimeout(TIMEOUT, reactor)
 
 

@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 )
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, race, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import provider
 
@@ -843,24 +843,11 @@ class LiveServer:
     def __init__(self, running: RunningServer) -> None:
         self.running = running
         self.hub = running.hub
-        self._all_gone: list[Deferred[None]] = []
-        disconnect = self.hub.disconnect
-
-        def disconnected(viewer: Any) -> None:
-            disconnect(viewer)
-            if not self.hub.viewers:
-                waiting, self._all_gone = self._all_gone, []
-                for gone in waiting:
-                    # Once the stack that closed the last connection has unwound.
-                    reactor.callLater(0, gone.callback, None)
-
-        self.hub.disconnect = disconnected
 
     def all_gone(self) -> Deferred[None]:
-        if not self.hub.viewers:
-            return succeed(None)
-        gone: Deferred[None] = Deferred()
-        self._all_gone.append(gone)
+        """Fires once the hub has no viewer left and the stack that removed it has unwound."""
+        gone = self.hub.when_empty()
+        gone.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
         return gone.addTimeout(10, reactor)
 
 
