@@ -57,9 +57,9 @@ class Viewer(Hashable, Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-def _batch_of(
-    states: list[VehicleState], points: list[bytes], batch_id: bytes, now_ms: int
-) -> Batch:
+def _batch_of(states: list[VehicleState], batch_id: bytes, now_ms: int) -> Batch:
+    """A batch of these vehicles' last flushed points (encoded once, at the flush)."""
+    points = [state.flushed for state in states]
     data = b'{"batchId":"%s","timestamp":%d,"dataPoints":[%s],"count":%d}' % (
         batch_id,
         now_ms,
@@ -173,8 +173,7 @@ class Hub:
         if not states:
             return None
         now_ms = self.now_ms()
-        points = [state.flushed for state in states]
-        return _batch_of(states, points, self._next_batch_id(now_ms), now_ms)
+        return _batch_of(states, self._next_batch_id(now_ms), now_ms)
 
     # Telemetry
 
@@ -210,7 +209,7 @@ class Hub:
                 states = [s for v, s in changed.items() if v in audience.vehicles]
             if not states:
                 continue
-            batch = _batch_of(states, [s.encoded for s in states], batch_id, now_ms)
+            batch = _batch_of(states, batch_id, now_ms)
             outbox.extend((viewer, batch) for viewer in audience.members)
         self.log.debug(
             "flushed {points} points, {deliveries} batches to send",
